@@ -1,0 +1,25 @@
+# The two commands of the README: `make train` (the main job) and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+export SEMISEG_DATA ?= $(abspath ./data)
+
+.PHONY: setup train test clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1 || $(PY) -m pip install -q "torch>=2.4" "torchvision>=0.19"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+# Supervised-only vs the full method on CamVid 1/8 split 0 (CPU profile), side by side.
+train: setup
+	$(PY) -m semiseg.compare camvid_quick --variants supervised full --seeds 0
+
+test: setup
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs

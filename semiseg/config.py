@@ -1,0 +1,194 @@
+"""Run settings: one dataclass, YAML profiles shipped in ``semiseg/configs``, ``key=value`` overrides.
+
+A config file is a plain list of overrides on top of :class:`Config` (nanoGPT style). It may
+name another file with ``base: other.yaml`` to start from. Every field below is a setting the
+paper fixes (§4.2, with its value as default) or one it leaves open (marked *choice*).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass
+class Config:
+    # --- data -----------------------------------------------------------------------------
+    dataset: str = "camvid"            # camvid | cityscapes | voc | gta5 | folder | tiny
+    data_root: str | None = None       # default: $SEMISEG_DATA or ./data
+    ratio: str = "1/8"                 # labeled fraction; split lists in data/splits/
+    split: int = 0                     # which seeded split (0-2)
+    base_size: list[int] | None = None  # [W, H] images are resized to before cropping
+    crop_size: list[int] = field(default_factory=lambda: [512, 512])  # [W, H]
+    eval_size: list[int] | None = None  # [W, H] network input at evaluation (None: native)
+    # Semi-supervised domain adaptation (§4.3.2): an extra labeled source domain X_d.
+    source_dataset: str | None = None
+    source_sequences: list[str] | None = None  # CamVid only: sequences used as source
+    target_sequences: list[str] | None = None  # CamVid only: sequences used as target
+    # --- model ----------------------------------------------------------------------------
+    arch: str = "deeplabv2_r101"
+    pretrained: bool = True
+    # --- optimisation (§4.2) --------------------------------------------------------------
+    iterations: int = 150_000
+    batch_labeled: int = 5
+    batch_unlabeled: int = 5
+    lr: float = 2e-4
+    momentum: float = 0.9
+    weight_decay: float = 5e-4        # choice: the paper does not state it
+    poly_power: float = 0.9           # choice: the usual DeepLab poly exponent
+    # --- eq. (1) loss weights and their warm-up -------------------------------------------
+    lambda_sup: float = 1.0
+    lambda_pseudo: float = 1.0
+    lambda_ent: float = 0.01
+    lambda_contr: float = 0.1
+    warmup_frac: float = 2_000 / 150_000  # lambda_pseudo = lambda_contr = 0 before this
+    # --- method hyper-parameters ----------------------------------------------------------
+    tau_start: float = 0.995          # eq. (2) EMA decay, from 0.995 ...
+    tau_end: float = 1.0              # ... to 1 during training (linear: choice)
+    phi: float = 0.95                 # FQF confidence threshold
+    psi: int = 256                    # memory bank vectors per class
+    sharpen: float = 6.0              # beta = confidence ** s for L_pseudo
+    num_views: int = 2                # A in eq. (6)-(7)
+    class_balance: bool = True        # alpha_c = sqrt(f_m / f_c); False -> alpha = 1 (VOC)
+    # --- ablation switches (Tables 5-8) ---------------------------------------------------
+    bank_from: str = "teacher"        # teacher | student: who fills the memory bank
+    attention: bool = True            # S_c weighting in eq. (8); off: all weights 1
+    fqf: bool = True                  # Feature Quality Filter for the bank update
+    # --- run ------------------------------------------------------------------------------
+    variant: str = "full"             # full | supervised (label of the run)
+    profile: str = "paper"
+    seed: int = 0
+    eval_with: str = "student"        # student (paper, §4.2) | teacher
+    eval_every: int = 0               # 0: evaluate only at the end
+    log_every: int = 10
+    device: str = "auto"              # auto | cpu | cuda
+    threads: int = 0                  # torch.set_num_threads; 0 = leave as is
+    num_workers: int = 0
+    out_dir: str | None = None        # default: runs/<dataset>/<ratio>/split<k>/<variant>/seed<k>
+
+    def run_dir(self) -> Path:
+        if self.out_dir:
+            return Path(self.out_dir)
+        return Path("runs") / self.dataset / self.ratio.replace("/", "-") / f"split{self.split}" / self.variant / f"seed{self.seed}"
+
+    def validate(self) -> "Config":
+        checks = [
+            ("phi", 0.0 < self.phi < 1.0, "must be in (0, 1)"),
+            ("psi", self.psi >= 1, "must be >= 1"),
+            ("iterations", self.iterations >= 1, "must be >= 1"),
+            ("num_views", self.num_views >= 1, "must be >= 1"),
+            ("bank_from", self.bank_from in ("teacher", "student"), "must be teacher or student"),
+            ("eval_with", self.eval_with in ("teacher", "student"), "must be teacher or student"),
+            ("device", self.device in ("auto", "cpu", "cuda"), "must be auto, cpu or cuda"),
+            ("tau_start", 0.0 <= self.tau_start <= 1.0, "must be in [0, 1]"),
+            ("tau_end", 0.0 <= self.tau_end <= 1.0, "must be in [0, 1]"),
+            ("warmup_frac", 0.0 <= self.warmup_frac < 1.0, "must be in [0, 1)"),
+        ]
+        for name in ("lambda_sup", "lambda_pseudo", "lambda_ent", "lambda_contr", "lr", "weight_decay"):
+            checks.append((name, getattr(self, name) >= 0, "must be >= 0"))
+        for key, ok, why in checks:
+            if not ok:
+                raise ValueError(f"config key {key!r} = {getattr(self, key)!r}: {why}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def _coerce(key: str, value: Any, where: str) -> Any:
+    """Check ``value`` against the type of field ``key``; strings from the command line are parsed as YAML."""
+    if key not in FIELDS:
+        close = difflib.get_close_matches(key, FIELDS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise KeyError(f"{where}: unknown config key {key!r}{hint}")
+    if isinstance(value, str) and FIELDS[key].type != "str":
+        value = yaml.safe_load(value) if value != "" else None
+    default = getattr(Config(), key)
+    kind = type(default)
+    if value is None or default is None:
+        return value
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is str and FIELDS[key].type == "str" and not isinstance(value, str):
+        return str(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise TypeError(f"{where}: config key {key!r} expects {kind.__name__}, got {value!r}")
+    return value
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | dict | None = None) -> Config:
+    """Build a :class:`Config` from a YAML file (a path, or a name in ``semiseg/configs``) and overrides."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        values.update(_read_yaml(path))
+    cfg = Config()
+    for key, value in values.items():
+        setattr(cfg, key, _coerce(key, value, str(path)))
+    items = overrides.items() if isinstance(overrides, dict) else [_split_override(o) for o in overrides or []]
+    for key, value in items:
+        setattr(cfg, key, _coerce(key, value, "override"))
+    return cfg.validate()
+
+
+def _split_override(text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise ValueError(f"override {text!r} is not of the form key=value")
+    key, value = text.split("=", 1)
+    return key.strip(), value
+
+
+def resolve_config_path(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    if p.exists():
+        return p
+    for candidate in (CONFIG_DIR / p, CONFIG_DIR / f"{p}.yaml"):
+        if candidate.exists():
+            return candidate
+    names = ", ".join(sorted(q.stem for q in CONFIG_DIR.glob("*.yaml")))
+    raise FileNotFoundError(f"config {str(path)!r} not found (shipped configs: {names})")
+
+
+def _read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    p = resolve_config_path(path)
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{p}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{p}: expected a mapping of config keys")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    merged = _read_yaml(p.parent / base if (p.parent / base).exists() else base)
+    merged.update(data)
+    return merged
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` through a temp file in the same folder and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

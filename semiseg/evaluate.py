@@ -1,0 +1,87 @@
+"""Evaluation: confusion matrix (one ``bincount``), per-class IoU and mIoU on a validation set.
+
+``python -m semiseg.evaluate CKPT [--split val] [--teacher]`` evaluates a checkpoint written by
+``semiseg.train``. The paper evaluates the student (§4.2); ``--teacher`` evaluates the EMA teacher.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def confusion_matrix(pred, target, num_classes, ignore_index=255):
+    """[C, C] counts, rows = ground truth, columns = prediction, from one ``bincount``."""
+    valid = target != ignore_index
+    index = target[valid].long() * num_classes + pred[valid].long()
+    return torch.bincount(index, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def iou_from_confusion(conf):
+    """Per-class IoU = TP / (TP + FP + FN); classes absent from both prediction and truth are NaN."""
+    conf = conf.double()
+    tp = conf.diag()
+    union = conf.sum(0) + conf.sum(1) - tp
+    return torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, float("nan")))
+
+
+def to_tensor(image):
+    """uint8 [H, W, 3] numpy -> float [3, H, W] in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255)
+
+
+@torch.no_grad()
+def predict_logits(model, images, size=None):
+    """Model logits upsampled to the input size; ``size`` = [W, H] network input, None = native."""
+    H, W = images.shape[-2:]
+    x = images if size is None else F.interpolate(images, size=(size[1], size[0]), mode="bilinear", align_corners=False)
+    logits, _ = model(x)
+    return F.interpolate(logits.float(), size=(H, W), mode="bilinear", align_corners=False)
+
+
+@torch.no_grad()
+def evaluate(model, dataset, size=None, device="cpu", progress=False):
+    """mIoU (percent) and per-class IoU (percent, by class name) of ``model`` on ``dataset``."""
+    was_training = model.training
+    model.eval()
+    C = dataset.num_classes
+    conf = torch.zeros(C, C, dtype=torch.long, device=device)
+    items = range(len(dataset))
+    if progress:
+        from tqdm import tqdm
+
+        items = tqdm(items, desc="eval", leave=False)
+    for i in items:
+        image, label = dataset.load(i)
+        logits = predict_logits(model, to_tensor(image)[None].to(device), size)
+        conf += confusion_matrix(logits.argmax(1)[0], torch.from_numpy(label).to(device), C)
+    model.train(was_training)
+    iou = iou_from_confusion(conf.cpu()) * 100
+    return {
+        "miou": float(np.nanmean(iou.numpy())),
+        "per_class_iou": {name: (None if np.isnan(v) else round(float(v), 4)) for name, v in zip(dataset.class_names, iou.tolist())},
+        "confusion": conf.cpu().tolist(),
+    }
+
+
+def main(argv=None):
+    from .train import load_checkpoint_model, build_eval_dataset
+
+    parser = argparse.ArgumentParser(prog="python -m semiseg.evaluate", description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint")
+    parser.add_argument("--split", default="val")
+    parser.add_argument("--teacher", action="store_true", help="evaluate the EMA teacher instead of the student")
+    args = parser.parse_args(argv)
+    cfg, model, device = load_checkpoint_model(args.checkpoint, teacher=args.teacher)
+    dataset = build_eval_dataset(cfg, args.split)
+    result = evaluate(model, dataset, cfg.eval_size, device, progress=True)
+    result.pop("confusion")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""§3.1–3.4: the four terms of eq. (1) — weighted cross-entropy (eq. 3), used by L_sup (eq. 4)
+and L_pseudo (eq. 6); entropy minimisation (eq. 7); and the class-wise contrastive loss (eq. 8–11).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def weighted_cross_entropy(logits, target, class_weights=None, pixel_weights=None, ignore_index=255):
+    """Eq. (3): ``H(y1, y2) = -1/N sum_n sum_c y2[n,c] log y1[n,c] alpha[c] beta[n]``.
+
+    ``logits`` [B, C, H, W]; ``target`` [B, H, W] class indices (one-hot y2); ``class_weights``
+    alpha [C]; ``pixel_weights`` beta [B, H, W]. N is the number of non-ignored pixels — not the
+    sum of the weights, which is what ``F.cross_entropy(weight=...)`` would divide by.
+    """
+    valid = target != ignore_index
+    safe_target = torch.where(valid, target, torch.zeros_like(target))
+    log_probs = F.log_softmax(logits.float(), dim=1)
+    nll = -log_probs.gather(1, safe_target.unsqueeze(1)).squeeze(1)  # [B, H, W]
+    weights = valid.to(nll.dtype)
+    if class_weights is not None:
+        weights = weights * class_weights.to(nll)[safe_target]
+    if pixel_weights is not None:
+        weights = weights * pixel_weights.to(nll)
+    # Eq. (3)
+    return (nll * weights).sum() / valid.sum().clamp(min=1)
+
+
+def class_balance_weights(counts):
+    """§4.2: ``alpha_c = sqrt(f_m / f_c)``, f_c the frequency of class c, f_m the median frequency.
+
+    *Choice* (the paper is silent): classes never seen yet (count 0) get alpha = 1, and the
+    median is taken over the classes that have been seen.
+    """
+    counts = counts.float()
+    seen = counts > 0
+    freqs = counts / counts.sum().clamp(min=1)
+    median = torch.where(seen, freqs, torch.full_like(freqs, float("nan"))).nanmedian()
+    alpha = torch.sqrt(median / freqs.clamp(min=1e-12))
+    return torch.where(seen, alpha, torch.ones_like(alpha))
+
+
+def entropy_loss(probs):
+    """Eq. (7): ``-1/N sum_n sum_c p log p`` (natural log), mean over all pixels of ``probs`` [B, C, H, W].
+
+    Stacking the A strong views along B gives the 1/A average of eq. (7).
+    The official code divides by log C as well; the paper does not.
+    """
+    # Eq. (7)
+    return -torch.special.xlogy(probs, probs).sum(dim=1).mean()
+
+
+def _l1_normalised(scores, labels, num_classes):
+    """Eq. (8): ``w = N_Pc / sum_{i in Pc} S_c(p_i) * S_c(p)`` for each vector's class c; mean 1 per class."""
+    counts = torch.bincount(labels, minlength=num_classes).to(scores.dtype)
+    sums = torch.zeros(num_classes, dtype=scores.dtype, device=scores.device).index_add_(0, labels, scores)
+    # Eq. (8)
+    return scores * (counts / sums.clamp(min=1e-12))[labels]
+
+
+def contrastive_loss(pred, labels, memory, pred_scores, memory_scores, num_classes, memory_count=None, ignore_index=255):
+    """Eq. (8)–(11): positive-only, class-wise contrastive loss against the memory bank.
+
+    ``pred`` [N, D] student prediction vectors p; ``labels`` [N] their (pseudo-)labels;
+    ``memory`` [C, psi, D] teacher projection vectors z' (newest first); ``pred_scores`` [N] =
+    S_c(p) for each vector's own class; ``memory_scores`` [C, psi] = S_c(z'); ``memory_count`` [C]
+    valid entries per class (default: all psi).
+
+    Because eq. (10) is linear in the cosine and the weights of eq. (8) sum to N_Pc (and N_Z'c),
+
+        1/(N_Pc N_Z'c) sum_p sum_z w_p w_z (1 - cos(p, z))  =  1 - <pbar_c, zbar_c>,
+
+    with ``pbar_c = 1/N_Pc sum_p w_p p/|p|`` and ``zbar_c = 1/N_Z'c sum_z w_z z/|z|``: the loss is
+    exact without ever building the N x psi similarity matrix. Classes with no vectors on either
+    side add nothing; the sum is divided by C = ``num_classes`` exactly as eq. (11) is written.
+    The memory side is never differentiated (it holds teacher vectors); its weights are.
+    """
+    C, psi, _ = memory.shape
+    if memory_count is None:
+        memory_count = torch.full((C,), psi, dtype=torch.long, device=memory.device)
+    valid = (labels != ignore_index) & (labels >= 0) & (labels < num_classes)
+    labels = torch.where(valid, labels, torch.full_like(labels, num_classes))  # extra bin C = dropped
+    pred_scores = pred_scores * valid
+
+    # Eq. (8), prediction side (per-class L1 normalisation, mean weight 1)
+    w_pred = _l1_normalised(pred_scores, labels, num_classes + 1)
+    # Eq. (8), memory side, over the memory_count[c] valid slots of each class
+    slot_valid = torch.arange(psi, device=memory.device)[None, :] < memory_count[:, None]  # [C, psi]
+    mem_scores = memory_scores * slot_valid
+    n_mem = memory_count.to(mem_scores.dtype)
+    w_mem = mem_scores * (n_mem / mem_scores.sum(1).clamp(min=1e-12))[:, None]
+
+    # Eq. (9) cosine = dot product of unit vectors; weighted class means of eq. (10)-(11)
+    pred_unit = F.normalize(pred.float(), dim=1)
+    mem_unit = F.normalize(memory.detach().float(), dim=2)
+    pred_sum = torch.zeros(num_classes + 1, pred.shape[1], dtype=pred_unit.dtype, device=pred.device)
+    pred_sum.index_add_(0, labels, w_pred.unsqueeze(1) * pred_unit)
+    n_pred = torch.bincount(labels, minlength=num_classes + 1)[:num_classes].to(pred_unit.dtype)
+    pred_mean = pred_sum[:num_classes] / n_pred.clamp(min=1)[:, None]
+    mem_mean = (w_mem.unsqueeze(2) * mem_unit).sum(1) / n_mem.clamp(min=1)[:, None]
+    present = (n_pred > 0) & (n_mem > 0)
+    # Eq. (10)-(11): mean weighted distance per class, summed over classes, divided by C
+    per_class = (1.0 - (pred_mean * mem_mean).sum(1)) * present
+    return per_class.sum() / num_classes

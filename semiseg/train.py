@@ -1,0 +1,368 @@
+"""§3, eq. (1): one teacher-student training step, the training loop, and the run directory.
+
+``python -m semiseg.train CONFIG [key=value ...]`` trains with a YAML profile from
+``semiseg/configs`` (or a path) plus overrides, and writes into the run directory:
+``config.yaml`` (resolved), ``metrics.jsonl``, ``summary.json`` and ``checkpoint.pt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, RandomSampler
+
+from . import losses
+from .config import Config, atomic_write_text, load_config, save_config
+from .data import build_dataset, read_split
+from .data.augment import STRONG, WEAK, augment
+from .evaluate import evaluate, to_tensor
+from .memory_bank import ClassMemoryBank, bank_quota, feature_quality_filter
+from .models import build_model
+from .teacher import ema_update, make_teacher, tau_schedule
+
+
+# ----------------------------------------------------------------------------- data
+class Crops(Dataset):
+    """Training samples: resized to ``base_size`` then randomly cropped (padded with ignore) to ``crop_size``."""
+
+    def __init__(self, dataset, base_size, crop_size):
+        self.dataset, self.base_size, self.crop_size = dataset, base_size, crop_size
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        image, label = self.dataset.load(i)
+        image, label = to_tensor(image), torch.from_numpy(label).long()
+        if self.base_size is not None:
+            W, H = self.base_size
+            image = F.interpolate(image[None], size=(H, W), mode="bilinear", align_corners=False)[0]
+            label = F.interpolate(label[None, None].float(), size=(H, W), mode="nearest")[0, 0].long()
+        cw, ch = self.crop_size
+        H, W = label.shape
+        if H < ch or W < cw:
+            ph, pw = max(0, ch - H), max(0, cw - W)
+            image, label = F.pad(image, (0, pw, 0, ph)), F.pad(label, (0, pw, 0, ph), value=255)
+            H, W = label.shape
+        y, x = int(torch.randint(0, H - ch + 1, ())), int(torch.randint(0, W - cw + 1, ()))
+        return image[:, y : y + ch, x : x + cw], label[y : y + ch, x : x + cw], i
+
+
+def forever(dataset, batch_size, seed, num_workers=0):
+    """Endless shuffled batches (epoch after epoch) of ``(images, labels, indices)``."""
+    generator = torch.Generator().manual_seed(seed)
+    loader = DataLoader(dataset, batch_size=min(batch_size, len(dataset)), drop_last=True, num_workers=num_workers,
+                        sampler=RandomSampler(dataset, generator=generator))
+    while True:
+        yield from loader
+
+
+def build_train_data(cfg: Config):
+    """Labeled and unlabeled training sets from the committed split lists (§4.1; 'tiny' builds its own)."""
+    full = build_dataset(cfg.dataset, "train", cfg.data_root)
+    if cfg.dataset == "tiny":
+        names = full.names
+        n = max(1, math.ceil(len(names) / int(cfg.ratio.split("/")[1])))
+        labeled, unlabeled = names[:n], names[n:]
+    else:
+        labeled, unlabeled = read_split(cfg.dataset, cfg.ratio, cfg.split)
+    source = None
+    if cfg.target_sequences:
+        keep = tuple(s + "_" for s in cfg.target_sequences)
+        labeled = [n for n in labeled if n.startswith(keep)]
+        unlabeled = [n for n in unlabeled if n.startswith(keep)]
+    if cfg.source_dataset:
+        src = build_dataset(cfg.source_dataset, "train", cfg.data_root)
+        if cfg.source_sequences:
+            src = src.subset([n for n in src.names if n.startswith(tuple(s + "_" for s in cfg.source_sequences))])
+        source = src
+    if not labeled:
+        raise ValueError(f"the labeled split of {cfg.dataset} {cfg.ratio} split{cfg.split} is empty")
+    return full.subset(labeled), full.subset(unlabeled), source
+
+
+def build_eval_dataset(cfg: Config, split="val"):
+    return build_dataset(cfg.dataset, split, cfg.data_root)
+
+
+# ----------------------------------------------------------------------------- the step
+def pixels_to_vectors(feats, labels):
+    """[B, D, h, w] features and [B, H, W] labels -> [B*h*w, D] vectors and labels at feature resolution (§4.2)."""
+    labels = F.interpolate(labels[:, None].float(), size=feats.shape[-2:], mode="nearest")[:, 0].long()
+    return feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1]), labels.reshape(-1), labels
+
+
+class Trainer:
+    """Holds student f_theta, teacher f_xi, the memory bank and the class-frequency state."""
+
+    def __init__(self, cfg: Config, num_classes: int, num_labeled: int, device):
+        self.cfg, self.C, self.device = cfg, num_classes, torch.device(device)
+        self.student = build_model(cfg.arch, num_classes, pretrained=cfg.pretrained).to(self.device).train()
+        self.teacher = make_teacher(self.student)
+        self.optimizer = torch.optim.SGD(self.student.param_groups(cfg.lr), lr=cfg.lr, momentum=cfg.momentum,
+                                         weight_decay=cfg.weight_decay)
+        for group in self.optimizer.param_groups:
+            group["initial_lr"] = group["lr"]
+        self.bank = ClassMemoryBank(num_classes, cfg.psi, self.student.head_dim, device=self.device)
+        self.quota = bank_quota(cfg.psi, num_labeled)
+        self.class_counts = torch.zeros(num_classes, dtype=torch.float64, device=self.device)
+        self.generator = torch.Generator().manual_seed(cfg.seed + 1)
+        self.iteration = 0
+
+    # λ weights of eq. (1), with the warm-up of §4.2
+    def lambdas(self):
+        cfg = self.cfg
+        warm = self.iteration < round(cfg.warmup_frac * cfg.iterations)
+        return {"sup": cfg.lambda_sup, "pseudo": 0.0 if warm else cfg.lambda_pseudo,
+                "ent": cfg.lambda_ent, "contr": 0.0 if warm else cfg.lambda_contr}
+
+    def set_lr(self):
+        factor = (1 - self.iteration / self.cfg.iterations) ** self.cfg.poly_power  # poly schedule
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * factor
+
+    def alpha(self):
+        return losses.class_balance_weights(self.class_counts) if self.cfg.class_balance else None
+
+    @torch.no_grad()
+    def pseudo_labels(self, x_u):
+        """Eq. (5): teacher predictions on the un-augmented unlabeled images -> (labels, confidence)."""
+        logits, _ = self.teacher(x_u)
+        probs = F.softmax(F.interpolate(logits.float(), size=x_u.shape[-2:], mode="bilinear", align_corners=False), 1)
+        conf, pseudo = probs.max(1)
+        return pseudo, conf
+
+    def step(self, labeled, unlabeled=None, source=None):
+        """One iteration of eq. (1); returns the loss terms as floats."""
+        cfg, dev = self.cfg, self.device
+        lam = self.lambdas()
+        semi = unlabeled is not None and (lam["pseudo"] or lam["ent"] or cfg.lambda_contr)
+        x_l, y_l, ids_l = (t.to(dev) for t in labeled)
+        # Eq. (4) input: a weak view x_l^a of each labeled image (Table 1)
+        x_la, y_la, _ = augment(x_l, y_l, None, WEAK, self.generator)
+        n_target = x_la.shape[0]
+        if source is not None:  # §4.3.2: source images join the labeled batch for L_sup and L_contr
+            x_s, y_s, _ = (t.to(dev) for t in source)
+            x_sa, y_sa, _ = augment(x_s, y_s, None, WEAK, self.generator)
+            x_la, y_la = torch.cat([x_la, x_sa]), torch.cat([y_la, y_sa])
+        self.class_counts += torch.bincount(y_la[y_la != 255], minlength=self.C)[: self.C]
+        inputs, targets, conf_u = x_la, y_la, None
+        if semi:
+            x_u = unlabeled[0].to(dev)
+            pseudo, conf = self.pseudo_labels(x_u)
+            self.class_counts += torch.bincount(pseudo.reshape(-1), minlength=self.C)[: self.C]
+            # Eq. (6)-(7): A strong views; their geometry is applied to pseudo-labels and confidences too
+            views = [augment(x_u, pseudo, conf, STRONG, self.generator) for _ in range(cfg.num_views)]
+            inputs = torch.cat([x_la] + [v[0] for v in views])
+            targets = torch.cat([y_la] + [v[1] for v in views])
+            conf_u = torch.cat([v[2] for v in views])
+        logits, feats = self.student(inputs)
+        logits_up = F.interpolate(logits.float(), size=inputs.shape[-2:], mode="bilinear", align_corners=False)
+        B_l, alpha = x_la.shape[0], self.alpha()
+        terms = {}
+        # Eq. (4)
+        terms["sup"] = losses.weighted_cross_entropy(logits_up[:B_l], y_la, class_weights=alpha)
+        if semi:
+            B_u = x_u.shape[0]
+            beta = conf_u ** cfg.sharpen  # §4.2: pixel weights = sharpened teacher confidence
+            if lam["pseudo"]:
+                # Eq. (6): mean over the A views of eq. (3)
+                terms["pseudo"] = sum(
+                    losses.weighted_cross_entropy(logits_up[B_l + a * B_u: B_l + (a + 1) * B_u], targets[B_l + a * B_u: B_l + (a + 1) * B_u],
+                                                  class_weights=alpha, pixel_weights=beta[a * B_u:(a + 1) * B_u])
+                    for a in range(cfg.num_views)) / cfg.num_views
+            if lam["ent"]:
+                # Eq. (7)
+                terms["ent"] = losses.entropy_loss(F.softmax(logits_up[B_l:], dim=1))
+        if lam["contr"]:
+            terms["contr"] = self.contrastive(feats, targets)
+        # Eq. (1)
+        loss = sum(lam[k] * v for k, v in terms.items())
+        if not torch.isfinite(loss):
+            bad = [k for k, v in terms.items() if not torch.isfinite(v)]
+            raise FloatingPointError(f"non-finite loss at iteration {self.iteration}: term(s) {bad or ['total']}")
+        self.set_lr()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        # Eq. (2)
+        ema_update(self.teacher, self.student, tau_schedule(self.iteration, cfg.iterations, cfg.tau_start, cfg.tau_end))
+        if cfg.lambda_contr:
+            self.update_bank(x_la[:n_target], y_la[:n_target], ids_l, feats[:n_target])
+        self.iteration += 1
+        out = {k: float(v.detach()) for k, v in terms.items()}
+        out["loss"] = float(loss.detach())
+        return out
+
+    def contrastive(self, feats, labels):
+        """Eq. (8)-(11) on student vectors of labeled (labels) and unlabeled (pseudo-labels) pixels."""
+        model = self.student
+        vectors, vec_labels, _ = pixels_to_vectors(feats, labels)
+        keep = vec_labels != 255
+        vectors, vec_labels = vectors[keep], vec_labels[keep]
+        pred = model.prediction(model.projection(vectors))  # P = q(g(V))
+        slot_valid = torch.arange(self.cfg.psi, device=self.device)[None] < self.bank.count[:, None]  # [C, psi]
+        mem_labels = torch.arange(self.C, device=self.device)[:, None].expand_as(slot_valid)
+        if self.cfg.attention:
+            pred_scores = model.attention_pred(pred, vec_labels)  # S_c,theta(p)
+            memory_scores = torch.zeros(slot_valid.shape, device=self.device)
+            memory_scores[slot_valid] = model.attention_proj(self.bank.memory[slot_valid], mem_labels[slot_valid])
+        else:
+            pred_scores, memory_scores = torch.ones_like(vec_labels, dtype=pred.dtype), slot_valid.float()
+        return losses.contrastive_loss(pred, vec_labels, self.bank.memory, pred_scores, memory_scores, self.C,
+                                       memory_count=self.bank.count)
+
+    @torch.no_grad()
+    def update_bank(self, x_la, y_la, ids, student_feats):
+        """§3.4 Memory Bank: FQF, rank by S_c,xi, per-image quota, FIFO — labeled target images only."""
+        net = self.teacher if self.cfg.bank_from == "teacher" else self.student
+        if self.cfg.bank_from == "teacher":
+            _, feats = net(x_la)
+        else:
+            feats = student_feats.detach()
+        logits = net.classify(feats)
+        vectors, vec_labels, labels_small = pixels_to_vectors(feats, y_la)
+        if self.cfg.fqf:
+            valid = feature_quality_filter(logits, labels_small, self.cfg.phi).reshape(-1)
+        else:
+            valid = vec_labels != 255
+        was_training = net.training
+        net.eval()  # Z' = g_xi(f_xi^-(x)) with inference-mode BatchNorm
+        proj = net.projection(vectors)
+        safe_labels = torch.where(vec_labels == 255, torch.zeros_like(vec_labels), vec_labels)
+        if self.cfg.attention:
+            scores = net.attention_proj(proj, safe_labels)  # ranking R_c = S_c,xi(Z'_c)
+        else:
+            scores = torch.rand(vec_labels.shape, generator=self.generator).to(self.device)
+        net.train(was_training)
+        image_ids = ids.to(self.device).repeat_interleave(labels_small[0].numel())
+        self.bank.push(proj, vec_labels, scores, image_ids, self.quota, valid=valid)
+
+    def state_dict(self):
+        return {"student": self.student.state_dict(), "teacher": self.teacher.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "bank": self.bank.state_dict(),
+                "class_counts": self.class_counts, "iteration": self.iteration,
+                "generator": self.generator.get_state()}
+
+
+# ----------------------------------------------------------------------------- the loop
+def resolve_device(name):
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("config key 'device' = 'cuda' but no CUDA device is available (use device=cpu)")
+    return "cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name)
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def atomic_torch_save(obj, path):
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def train(cfg: Config, progress=True, overwrite=False):
+    """Train one run; returns its summary dict (also written to ``<run_dir>/summary.json``)."""
+    run_dir = cfg.run_dir()
+    if (run_dir / "summary.json").exists() and not overwrite:
+        raise FileExistsError(f"{run_dir} already holds a finished run (summary.json); pass --overwrite to replace it")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    labeled, unlabeled, source = build_train_data(cfg)
+    val = build_eval_dataset(cfg)
+    save_config(cfg, run_dir / "config.yaml")
+    trainer = Trainer(cfg, labeled.num_classes, len(labeled), device)
+    crops = lambda ds: Crops(ds, cfg.base_size, cfg.crop_size)  # noqa: E731
+    labeled_it = forever(crops(labeled), cfg.batch_labeled, cfg.seed, cfg.num_workers)
+    semi = cfg.lambda_pseudo or cfg.lambda_ent or cfg.lambda_contr
+    unlabeled_it = forever(crops(unlabeled), cfg.batch_unlabeled, cfg.seed + 100, cfg.num_workers) if semi and len(unlabeled) else None
+    source_it = forever(crops(source), cfg.batch_labeled, cfg.seed + 200, cfg.num_workers) if source is not None else None
+    metrics_path = run_dir / "metrics.jsonl"
+    metrics_path.write_text("")
+    start = time.time()
+    bar = range(cfg.iterations)
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(bar, desc=f"{cfg.variant} seed{cfg.seed}", dynamic_ncols=True, file=sys.stdout)
+    with open(metrics_path, "a") as log:
+        for it in bar:
+            terms = trainer.step(next(labeled_it), next(unlabeled_it) if unlabeled_it else None,
+                                 next(source_it) if source_it else None)
+            if progress:
+                bar.set_postfix({k: f"{v:.3f}" for k, v in terms.items()})
+            record = None
+            if (it + 1) % cfg.log_every == 0 or it + 1 == cfg.iterations:
+                record = {"iteration": it + 1, **terms, "lr": trainer.optimizer.param_groups[0]["lr"],
+                          "bank_fill": float(trainer.bank.count.float().mean() / cfg.psi), "seconds": round(time.time() - start, 2)}
+            if cfg.eval_every and (it + 1) % cfg.eval_every == 0 and it + 1 < cfg.iterations:
+                record = (record or {"iteration": it + 1}) | {"val_miou": evaluate(eval_model(trainer), val, cfg.eval_size, device)["miou"]}
+            if record:
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+    seconds = time.time() - start
+    result = evaluate(eval_model(trainer), val, cfg.eval_size, device, progress=progress)
+    atomic_torch_save({"config": cfg.to_dict(), "num_classes": labeled.num_classes, "class_names": list(labeled.class_names),
+                       "palette": [tuple(c) for c in labeled.palette], **trainer.state_dict()}, run_dir / "checkpoint.pt")
+    summary = {"miou": round(result["miou"], 4), "per_class_iou": result["per_class_iou"], "iterations": cfg.iterations,
+               "seconds": round(seconds, 1), "variant": cfg.variant, "seed": cfg.seed, "split": cfg.split,
+               "profile": cfg.profile, "dataset": cfg.dataset, "ratio": cfg.ratio, "arch": cfg.arch,
+               "evaluated": cfg.eval_with, "device": str(device), "torch": torch.__version__,
+               "machine": f"{os.cpu_count()} CPU threads" if device == "cpu" else torch.cuda.get_device_name()}
+    with open(metrics_path, "a") as log:
+        log.write(json.dumps({"iteration": cfg.iterations, "val_miou": summary["miou"]}) + "\n")
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def eval_model(trainer):
+    return trainer.teacher if trainer.cfg.eval_with == "teacher" else trainer.student
+
+
+def load_checkpoint_model(path, teacher=False):
+    """(config, model in eval mode, device) from a checkpoint written by :func:`train`."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    cfg = load_config(overrides=state["config"])
+    device = resolve_device(cfg.device)
+    model = build_model(cfg.arch, state["num_classes"], pretrained=False)
+    model.load_state_dict(state["teacher" if teacher else "student"])
+    return cfg, model.to(device).eval(), device
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m semiseg.train", description="Train the method (or an ablation) on one split.")
+    parser.add_argument("config", help="YAML file or name of a shipped profile (semiseg/configs)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. iterations=100 seed=1")
+    parser.add_argument("--overwrite", action="store_true", help="replace a finished run in the output directory")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        summary = train(cfg, progress=not args.no_progress, overwrite=args.overwrite)
+    except (ValueError, KeyError, TypeError, FileNotFoundError, FileExistsError, RuntimeError) as err:
+        msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+        sys.exit(f"error: {msg}")
+    print(json.dumps({k: summary[k] for k in ("variant", "seed", "miou", "iterations", "seconds")}))
+
+
+if __name__ == "__main__":
+    main()

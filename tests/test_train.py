@@ -1,0 +1,87 @@
+"""A tiny end-to-end run on the built-in TinyShapes data: train, summary, evaluate, predict."""
+
+import json
+
+import pytest
+import torch
+
+from semiseg import compare, evaluate, predict
+from semiseg.config import load_config
+from semiseg.train import Trainer, build_train_data, train
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    cfg = load_config("smoke", {"out_dir": str(out), "fqf": False, "iterations": 6})
+    return cfg, train(cfg, progress=False)
+
+
+def test_run_dir_contents(run):
+    cfg, summary = run
+    out = cfg.run_dir()
+    for key in ("miou", "per_class_iou", "iterations", "seconds", "variant", "seed", "split", "profile"):
+        assert key in summary
+    assert json.loads((out / "summary.json").read_text()) == summary
+    assert 0.0 <= summary["miou"] <= 100.0 and summary["iterations"] == 6
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["val_miou"] == summary["miou"]
+    # warm-up (2 of 6 iterations) over, the contrastive term is computed against a filled bank
+    assert any(r.get("contr", 0) > 0 for r in records)
+    assert (out / "config.yaml").exists() and (out / "checkpoint.pt").exists()
+
+
+def test_refuses_to_overwrite_finished_run(run):
+    cfg, _ = run
+    with pytest.raises(FileExistsError, match="already holds a finished run"):
+        train(cfg, progress=False)
+
+
+def test_evaluate_and_predict_cli(run, tmp_path, capsys):
+    cfg, summary = run
+    ckpt = str(cfg.run_dir() / "checkpoint.pt")
+    evaluate.main([ckpt])
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["miou"] == pytest.approx(summary["miou"], abs=1e-3)
+    from semiseg.data import TinyShapes
+    from PIL import Image
+
+    image, _ = TinyShapes("val").load(0)
+    Image.fromarray(image).save(tmp_path / "a.png")
+    predict.main([ckpt, str(tmp_path / "a.png"), "--out", str(tmp_path / "pred")])
+    mask = Image.open(tmp_path / "pred" / "a_mask.png")
+    assert mask.size == (image.shape[1], image.shape[0])
+    assert (tmp_path / "pred" / "a_overlay.png").exists()
+
+
+def test_teacher_tracks_student_and_bank_fills():
+    cfg = load_config("smoke", {"fqf": False, "warmup_frac": 0.0})
+    labeled, unlabeled, _ = build_train_data(cfg)
+    trainer = Trainer(cfg, labeled.num_classes, len(labeled), "cpu")
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(2, 3, 64, 64, generator=g)
+    labels = torch.randint(0, labeled.num_classes, (2, 64, 64), generator=g)
+    batch = (images, labels, torch.tensor([0, 1]))
+    before = [p.clone() for p in trainer.teacher.parameters()]
+    terms = trainer.step(batch, (images, labels, torch.tensor([2, 3])))
+    assert set(terms) >= {"sup", "pseudo", "ent", "contr", "loss"}
+    assert int(trainer.bank.count.sum()) > 0
+    changed = any(not torch.equal(a, b) for a, b in zip(before, trainer.teacher.parameters()))
+    assert changed and all(not p.requires_grad for p in trainer.teacher.parameters())
+
+
+def test_supervised_variant_has_no_unlabeled_terms(tmp_path):
+    cfg = load_config("smoke", {**compare.VARIANTS["supervised"], "out_dir": str(tmp_path), "iterations": 2})
+    train(cfg, progress=False)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all("pseudo" not in r and "contr" not in r for r in records)
+
+
+def test_compare_falls_back_to_tiny_without_data(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SEMISEG_DATA", str(tmp_path / "nothing"))
+    monkeypatch.chdir(tmp_path)
+    compare.main(["camvid_quick", "iterations=2", "--variants", "supervised", "full"])
+    out = capsys.readouterr().out
+    assert "Falling back to the built-in TinyShapes dataset" in out
+    assert "gain of the full method over supervised-only" in out
+    assert (tmp_path / "runs" / "tiny").is_dir()
