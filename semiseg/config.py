@@ -72,7 +72,6 @@ class Config:
     log_every: int = 10
     device: str = "auto"              # auto | cpu | cuda
     threads: int = 0                  # torch.set_num_threads; 0 = leave as is
-    num_workers: int = 0
     out_dir: str | None = None        # default: runs/<dataset>/<ratio>/split<k>/<variant>/seed<k>
 
     def run_dir(self) -> Path:

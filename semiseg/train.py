@@ -19,54 +19,19 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from . import losses
 from .config import Config, atomic_write_text, load_config, save_config
 from .data import build_dataset, read_split
 from .data.augment import STRONG, WEAK, augment
-from .evaluate import evaluate, to_tensor
+from .data.sampling import Batches, seeded
+from .evaluate import evaluate
 from .memory_bank import ClassMemoryBank, bank_quota, feature_quality_filter
 from .models import build_model
 from .teacher import ema_update, make_teacher, tau_schedule
 
 
 # ----------------------------------------------------------------------------- data
-class Crops(Dataset):
-    """Training samples: resized to ``base_size`` then randomly cropped (padded with ignore) to ``crop_size``."""
-
-    def __init__(self, dataset, base_size, crop_size):
-        self.dataset, self.base_size, self.crop_size = dataset, base_size, crop_size
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, i):
-        image, label = self.dataset.load(i)
-        image, label = to_tensor(image), torch.from_numpy(label).long()
-        if self.base_size is not None:
-            W, H = self.base_size
-            image = F.interpolate(image[None], size=(H, W), mode="bilinear", align_corners=False)[0]
-            label = F.interpolate(label[None, None].float(), size=(H, W), mode="nearest")[0, 0].long()
-        cw, ch = self.crop_size
-        H, W = label.shape
-        if H < ch or W < cw:
-            ph, pw = max(0, ch - H), max(0, cw - W)
-            image, label = F.pad(image, (0, pw, 0, ph)), F.pad(label, (0, pw, 0, ph), value=255)
-            H, W = label.shape
-        y, x = int(torch.randint(0, H - ch + 1, ())), int(torch.randint(0, W - cw + 1, ()))
-        return image[:, y : y + ch, x : x + cw], label[y : y + ch, x : x + cw], i
-
-
-def forever(dataset, batch_size, seed, num_workers=0):
-    """Endless shuffled batches (epoch after epoch) of ``(images, labels, indices)``."""
-    generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(dataset, batch_size=min(batch_size, len(dataset)), drop_last=True, num_workers=num_workers,
-                        sampler=RandomSampler(dataset, generator=generator))
-    while True:
-        yield from loader
-
-
 def build_train_data(cfg: Config):
     """Labeled and unlabeled training sets from the committed split lists (§4.1; 'tiny' builds its own)."""
     full = build_dataset(cfg.dataset, "train", cfg.data_root)
@@ -92,6 +57,11 @@ def build_train_data(cfg: Config):
 
 
 def build_eval_dataset(cfg: Config, split="val"):
+    """The validation set; with ``target_sequences`` (domain adaptation) the target's unlabeled
+    training images instead, scored with their labels (transductive: CamVid's val set holds no
+    dusk images, so this is the only target data we have; a documented choice)."""
+    if cfg.target_sequences and split == "val":
+        return build_train_data(cfg)[1]
     return build_dataset(cfg.dataset, split, cfg.data_root)
 
 
@@ -116,7 +86,6 @@ class Trainer:
         self.bank = ClassMemoryBank(num_classes, cfg.psi, self.student.head_dim, device=self.device)
         self.quota = bank_quota(cfg.psi, num_labeled)
         self.class_counts = torch.zeros(num_classes, dtype=torch.float64, device=self.device)
-        self.generator = torch.Generator().manual_seed(cfg.seed + 1)
         self.iteration = 0
 
     # λ weights of eq. (1), with the warm-up of §4.2
@@ -146,6 +115,8 @@ class Trainer:
         """One iteration of eq. (1); returns the loss terms as floats."""
         cfg, dev = self.cfg, self.device
         lam = self.lambdas()
+        # augmentation randomness depends only on (seed, iteration): exact resume needs no RNG state
+        self.generator = seeded(cfg.seed, self.iteration, 7)
         semi = unlabeled is not None and (lam["pseudo"] or lam["ent"] or cfg.lambda_contr)
         x_l, y_l, ids_l = (t.to(dev) for t in labeled)
         # Eq. (4) input: a weak view x_l^a of each labeled image (Table 1)
@@ -251,8 +222,7 @@ class Trainer:
     def state_dict(self):
         return {"student": self.student.state_dict(), "teacher": self.teacher.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "bank": self.bank.state_dict(),
-                "class_counts": self.class_counts, "iteration": self.iteration,
-                "generator": self.generator.get_state()}
+                "class_counts": self.class_counts, "iteration": self.iteration}
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -289,11 +259,11 @@ def train(cfg: Config, progress=True, overwrite=False):
     val = build_eval_dataset(cfg)
     save_config(cfg, run_dir / "config.yaml")
     trainer = Trainer(cfg, labeled.num_classes, len(labeled), device)
-    crops = lambda ds: Crops(ds, cfg.base_size, cfg.crop_size)  # noqa: E731
-    labeled_it = forever(crops(labeled), cfg.batch_labeled, cfg.seed, cfg.num_workers)
+    batches = lambda ds, size, stream: Batches(ds, size, cfg.base_size, cfg.crop_size, seeded(cfg.seed, stream).initial_seed())  # noqa: E731
+    labeled_batch = batches(labeled, cfg.batch_labeled, 1)
     semi = cfg.lambda_pseudo or cfg.lambda_ent or cfg.lambda_contr
-    unlabeled_it = forever(crops(unlabeled), cfg.batch_unlabeled, cfg.seed + 100, cfg.num_workers) if semi and len(unlabeled) else None
-    source_it = forever(crops(source), cfg.batch_labeled, cfg.seed + 200, cfg.num_workers) if source is not None else None
+    unlabeled_batch = batches(unlabeled, cfg.batch_unlabeled, 2) if semi and len(unlabeled) else None
+    source_batch = batches(source, cfg.batch_labeled, 3) if source is not None else None
     metrics_path = run_dir / "metrics.jsonl"
     metrics_path.write_text("")
     start = time.time()
@@ -304,8 +274,8 @@ def train(cfg: Config, progress=True, overwrite=False):
         bar = tqdm(bar, desc=f"{cfg.variant} seed{cfg.seed}", dynamic_ncols=True, file=sys.stdout)
     with open(metrics_path, "a") as log:
         for it in bar:
-            terms = trainer.step(next(labeled_it), next(unlabeled_it) if unlabeled_it else None,
-                                 next(source_it) if source_it else None)
+            terms = trainer.step(labeled_batch(it), unlabeled_batch(it) if unlabeled_batch else None,
+                                 source_batch(it) if source_batch else None)
             if progress:
                 bar.set_postfix({k: f"{v:.3f}" for k, v in terms.items()})
             record = None

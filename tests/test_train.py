@@ -85,3 +85,31 @@ def test_compare_falls_back_to_tiny_without_data(tmp_path, monkeypatch, capsys):
     assert "Falling back to the built-in TinyShapes dataset" in out
     assert "gain of the full method over supervised-only" in out
     assert (tmp_path / "runs" / "tiny").is_dir()
+
+
+def test_domain_adaptation_source_joins_labeled_batch_but_not_the_bank():
+    """§4.3.2: X_d is used for L_sup and L_contr; the memory bank holds target vectors only."""
+    cfg = load_config("smoke", {"fqf": False, "warmup_frac": 0.0, "source_dataset": "tiny"})
+    labeled, _, source = build_train_data(cfg)
+    assert source is not None and len(source) == 48
+    trainer = Trainer(cfg, labeled.num_classes, len(labeled), "cpu")
+    images = torch.rand(2, 3, 64, 64)
+    target = (images, torch.full((2, 64, 64), 1), torch.tensor([0, 1]))
+    source_batch = (torch.rand(2, 3, 64, 64), torch.full((2, 64, 64), 2), torch.tensor([0, 1]))
+    trainer.step(target, (images, torch.zeros(2, 64, 64, dtype=torch.long), torch.tensor([2, 3])), source_batch)
+    assert trainer.bank.count[1] > 0 and trainer.bank.count[2] == 0
+    assert trainer.class_counts[2] >= 2 * 64 * 64  # source labels entered the labeled batch
+
+
+def test_camvid_domain_adaptation_config_selects_sequences():
+    from semiseg.data import data_root
+
+    if not (data_root() / "camvid").is_dir():
+        pytest.skip(f"CamVid not found under SEMISEG_DATA={data_root()}")
+    cfg = load_config("camvid_da_quick")
+    labeled, unlabeled, source = build_train_data(cfg)
+    assert labeled.names and all(n.startswith("0001TP_") for n in labeled.names + unlabeled.names)
+    assert source.names and not any(n.startswith("0001TP_") for n in source.names)
+    from semiseg.train import build_eval_dataset
+
+    assert build_eval_dataset(cfg).names == unlabeled.names
