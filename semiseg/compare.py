@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .config import load_config
+from .config import load_config, one_line_errors
 from .data import data_root
 from .train import train
 
@@ -24,6 +24,9 @@ VARIANTS = {
     "full": {},
     "supervised": {"lambda_pseudo": 0.0, "lambda_ent": 0.0, "lambda_contr": 0.0},
     "no_contr": {"lambda_contr": 0.0},
+    # §4.3.2 demo (profile camvid_da_quick): with the labeled source domain, and without it
+    "da_full": {},
+    "da_target_only": {"source_dataset": None, "source_sequences": None},
 }
 
 
@@ -38,7 +41,12 @@ def main(argv=None):
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
+    with one_line_errors():
+        run_all(args)
+
+
+def run_all(args):
     base = load_config(args.profile, args.overrides)
     overrides = list(args.overrides)
     if base.dataset != "tiny" and not (data_root() / base.dataset).is_dir():
@@ -64,9 +72,11 @@ def main(argv=None):
     print(f"{'variant':<12}{'seed':>5}{'mIoU':>8}{'iters':>8}{'minutes':>9}")
     for r in rows:
         print(f"{r['variant']:<12}{r['seed']:>5}{r['miou']:>8.2f}{r['iterations']:>8}{r['seconds'] / 60:>9.1f}")
-    by_variant = {r["variant"]: r["miou"] for r in rows if r["seed"] == args.seeds[0]}
-    if "full" in by_variant and "supervised" in by_variant:
-        print(f"gain of the full method over supervised-only: {by_variant['full'] - by_variant['supervised']:+.2f} mIoU")
+    first = [r for r in rows if r["seed"] == args.seeds[0]]
+    for r in first[1:]:
+        label = "the full method over supervised-only" if (first[0]["variant"], r["variant"]) == ("supervised", "full") \
+            else f"{r['variant']} over {first[0]['variant']}"
+        print(f"gain of {label}: {r['miou'] - first[0]['miou']:+.2f} mIoU")
 
 
 if __name__ == "__main__":

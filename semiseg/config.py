@@ -7,9 +7,11 @@ paper fixes (§4.2, with its value as default) or one it leaves open (marked *ch
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import os
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +74,11 @@ class Config:
     log_every: int = 10
     device: str = "auto"              # auto | cpu | cuda
     threads: int = 0                  # torch.set_num_threads; 0 = leave as is
+    checkpoint_every: int = 0         # write a resumable checkpoint every N iterations (0: only at the end)
+    keep_checkpoints: int = 2         # how many of those to keep
+    deterministic: bool = False       # torch.use_deterministic_algorithms (exact resume on GPU)
+    precision: str = "fp32"           # fp32 | bf16 (autocast of the forward passes)
+    channels_last: bool = False       # NHWC memory format for the convolutions
     out_dir: str | None = None        # default: runs/<dataset>/<ratio>/split<k>/<variant>/seed<k>
 
     def run_dir(self) -> Path:
@@ -88,6 +95,9 @@ class Config:
             ("bank_from", self.bank_from in ("teacher", "student"), "must be teacher or student"),
             ("eval_with", self.eval_with in ("teacher", "student"), "must be teacher or student"),
             ("device", self.device in ("auto", "cpu", "cuda"), "must be auto, cpu or cuda"),
+            ("precision", self.precision in ("fp32", "bf16"), "must be fp32 or bf16"),
+            ("checkpoint_every", self.checkpoint_every >= 0, "must be >= 0"),
+            ("keep_checkpoints", self.keep_checkpoints >= 1, "must be >= 1"),
             ("tau_start", 0.0 <= self.tau_start <= 1.0, "must be in [0, 1]"),
             ("tau_end", 0.0 <= self.tau_end <= 1.0, "must be in [0, 1]"),
             ("warmup_frac", 0.0 <= self.warmup_frac < 1.0, "must be in [0, 1)"),
@@ -191,3 +201,17 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
     atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+# Errors a user can cause (bad data, config, checkpoint, device); anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, KeyError, TypeError, FileNotFoundError, FileExistsError, RuntimeError, FloatingPointError)
+
+
+@contextlib.contextmanager
+def one_line_errors():
+    """Command-line entry points: turn a user error into ``error: <one line>`` and exit status 1."""
+    try:
+        yield
+    except USER_ERRORS as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+        sys.exit("error: " + " ".join(str(message).split()))

@@ -69,16 +69,18 @@ def evaluate(model, dataset, size=None, device="cpu", progress=False):
 
 
 def main(argv=None):
-    from .train import load_checkpoint_model, build_eval_dataset
+    from .config import one_line_errors
+    from .train import build_eval_dataset, load_checkpoint_model
 
     parser = argparse.ArgumentParser(prog="python -m semiseg.evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint")
     parser.add_argument("--split", default="val")
     parser.add_argument("--teacher", action="store_true", help="evaluate the EMA teacher instead of the student")
     args = parser.parse_args(argv)
-    cfg, model, device = load_checkpoint_model(args.checkpoint, teacher=args.teacher)
-    dataset = build_eval_dataset(cfg, args.split)
-    result = evaluate(model, dataset, cfg.eval_size, device, progress=True)
+    with one_line_errors():
+        cfg, model, device = load_checkpoint_model(args.checkpoint, teacher=args.teacher)
+        dataset = build_eval_dataset(cfg, args.split)
+        result = evaluate(model, dataset, cfg.eval_size, device, progress=True)
     result.pop("confusion")
     print(json.dumps(result, indent=2))
 

@@ -62,8 +62,8 @@ def predict_files(model, files, out_dir, palette, size=None, device="cpu", alpha
 
 
 def main(argv=None):
-    import torch
-
+    from .checkpoint import read_checkpoint
+    from .config import one_line_errors
     from .train import load_checkpoint_model
 
     parser = argparse.ArgumentParser(prog="python -m semiseg.predict", description=__doc__.splitlines()[0])
@@ -72,10 +72,11 @@ def main(argv=None):
     parser.add_argument("--out", required=True)
     parser.add_argument("--teacher", action="store_true")
     args = parser.parse_args(argv)
-    cfg, model, device = load_checkpoint_model(args.checkpoint, teacher=args.teacher)
-    palette = torch.load(args.checkpoint, map_location="cpu", weights_only=False)["palette"]
-    files = list_images(args.images)
-    predict_files(model, files, args.out, palette, cfg.eval_size, device)
+    with one_line_errors():
+        cfg, model, device = load_checkpoint_model(args.checkpoint, teacher=args.teacher)
+        palette = read_checkpoint(args.checkpoint)["palette"]
+        files = list_images(args.images)
+        predict_files(model, files, args.out, palette, cfg.eval_size, device)
     print(f"wrote {2 * len(files)} images to {args.out}")
 
 

@@ -21,7 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from . import losses
-from .config import Config, atomic_write_text, load_config, save_config
+from .checkpoint import (atomic_torch_save, check_compatible, newest_valid_checkpoint, read_checkpoint,
+                         rng_state, save_checkpoint, set_rng_state)
+from .config import Config, atomic_write_text, load_config, one_line_errors, save_config
 from .data import build_dataset, read_split
 from .data.augment import STRONG, WEAK, augment
 from .data.sampling import Batches, seeded
@@ -78,6 +80,8 @@ class Trainer:
     def __init__(self, cfg: Config, num_classes: int, num_labeled: int, device):
         self.cfg, self.C, self.device = cfg, num_classes, torch.device(device)
         self.student = build_model(cfg.arch, num_classes, pretrained=cfg.pretrained).to(self.device).train()
+        if cfg.channels_last:
+            self.student = self.student.to(memory_format=torch.channels_last)
         self.teacher = make_teacher(self.student)
         self.optimizer = torch.optim.SGD(self.student.param_groups(cfg.lr), lr=cfg.lr, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay)
@@ -103,10 +107,18 @@ class Trainer:
     def alpha(self):
         return losses.class_balance_weights(self.class_counts) if self.cfg.class_balance else None
 
+    def forward(self, net, x):
+        """(logits, feats) of ``net`` in fp32, computed under bf16 autocast / channels_last when configured."""
+        if self.cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16"):
+            logits, feats = net(x)
+        return logits.float(), feats.float()
+
     @torch.no_grad()
     def pseudo_labels(self, x_u):
         """Eq. (5): teacher predictions on the un-augmented unlabeled images -> (labels, confidence)."""
-        logits, _ = self.teacher(x_u)
+        logits, _ = self.forward(self.teacher, x_u)
         probs = F.softmax(F.interpolate(logits.float(), size=x_u.shape[-2:], mode="bilinear", align_corners=False), 1)
         conf, pseudo = probs.max(1)
         return pseudo, conf
@@ -137,7 +149,7 @@ class Trainer:
             inputs = torch.cat([x_la] + [v[0] for v in views])
             targets = torch.cat([y_la] + [v[1] for v in views])
             conf_u = torch.cat([v[2] for v in views])
-        logits, feats = self.student(inputs)
+        logits, feats = self.forward(self.student, inputs)
         logits_up = F.interpolate(logits.float(), size=inputs.shape[-2:], mode="bilinear", align_corners=False)
         B_l, alpha = x_la.shape[0], self.alpha()
         terms = {}
@@ -198,7 +210,7 @@ class Trainer:
         """§3.4 Memory Bank: FQF, rank by S_c,xi, per-image quota, FIFO — labeled target images only."""
         net = self.teacher if self.cfg.bank_from == "teacher" else self.student
         if self.cfg.bank_from == "teacher":
-            _, feats = net(x_la)
+            _, feats = self.forward(net, x_la)
         else:
             feats = student_feats.detach()
         logits = net.classify(feats)
@@ -222,75 +234,123 @@ class Trainer:
     def state_dict(self):
         return {"student": self.student.state_dict(), "teacher": self.teacher.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "bank": self.bank.state_dict(),
-                "class_counts": self.class_counts, "iteration": self.iteration}
+                "class_counts": self.class_counts, "iteration": self.iteration, "rng": rng_state()}
+
+    def load_state_dict(self, state):
+        self.student.load_state_dict(state["student"])
+        self.teacher.load_state_dict(state["teacher"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.bank.load_state_dict(state["bank"])
+        self.class_counts = state["class_counts"].to(self.device)
+        self.iteration = state["iteration"]
+        if "rng" in state:
+            set_rng_state(state["rng"])
 
 
 # ----------------------------------------------------------------------------- the loop
-def resolve_device(name):
-    if name == "cuda" and not torch.cuda.is_available():
+def resolve_device(cfg):
+    """The torch device of a config; asking for CUDA or bf16 where they are missing is a one-line error."""
+    if cfg.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("config key 'device' = 'cuda' but no CUDA device is available (use device=cpu)")
-    return "cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name)
+    device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto" else cfg.device)
+    if cfg.precision == "bf16" and device == "cuda" and not torch.cuda.is_bf16_supported():
+        raise RuntimeError(f"config key 'precision' = 'bf16' but {torch.cuda.get_device_name()} has no bfloat16 support (use precision=fp32)")
+    return device
 
 
-def seed_everything(seed):
+def seed_everything(seed, deterministic=False):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
 
 
-def atomic_torch_save(obj, path):
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def write_status(run_dir, status, **info):
+    """``status.json``: running / finished / crashed (with the error and iteration)."""
+    atomic_write_text(Path(run_dir) / "status.json", json.dumps({"status": status, **info}) + "\n")
 
 
-def train(cfg: Config, progress=True, overwrite=False):
-    """Train one run; returns its summary dict (also written to ``<run_dir>/summary.json``)."""
+def _metrics_until(path, iteration):
+    """Keep the metric records up to ``iteration`` (resume), dropping any half-written last line."""
+    kept = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("iteration", 0) <= iteration:
+            kept.append(line)
+    atomic_write_text(path, "".join(k + "\n" for k in kept))
+
+
+def train(cfg: Config, progress=True, overwrite=False, resume=False):
+    """Train one run; returns its summary dict (also written to ``<run_dir>/summary.json``).
+
+    With ``resume`` the run continues from the newest valid checkpoint in its run directory
+    (config ``checkpoint_every``) and ends with the same weights as an uninterrupted run.
+    """
     run_dir = cfg.run_dir()
     if (run_dir / "summary.json").exists() and not overwrite:
         raise FileExistsError(f"{run_dir} already holds a finished run (summary.json); pass --overwrite to replace it")
     run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed, cfg.deterministic)
+    device = resolve_device(cfg)
     labeled, unlabeled, source = build_train_data(cfg)
     val = build_eval_dataset(cfg)
-    save_config(cfg, run_dir / "config.yaml")
     trainer = Trainer(cfg, labeled.num_classes, len(labeled), device)
+    state, path = newest_valid_checkpoint(run_dir) if resume else (None, None)
+    elapsed = 0.0
+    if state is not None:
+        check_compatible(state, cfg.arch, labeled.num_classes, path)
+        trainer.load_state_dict(state)
+        elapsed = state.get("seconds", 0.0)
+        print(f"resuming {run_dir} from {path.name} (iteration {trainer.iteration})")
+    elif resume:
+        print(f"no valid checkpoint in {run_dir}; starting from iteration 0")
+    save_config(cfg, run_dir / "config.yaml")
     batches = lambda ds, size, stream: Batches(ds, size, cfg.base_size, cfg.crop_size, seeded(cfg.seed, stream).initial_seed())  # noqa: E731
     labeled_batch = batches(labeled, cfg.batch_labeled, 1)
     semi = cfg.lambda_pseudo or cfg.lambda_ent or cfg.lambda_contr
     unlabeled_batch = batches(unlabeled, cfg.batch_unlabeled, 2) if semi and len(unlabeled) else None
     source_batch = batches(source, cfg.batch_labeled, 3) if source is not None else None
     metrics_path = run_dir / "metrics.jsonl"
-    metrics_path.write_text("")
-    start = time.time()
-    bar = range(cfg.iterations)
+    _metrics_until(metrics_path, trainer.iteration)
+    write_status(run_dir, "running", iteration=trainer.iteration)
+    meta = {"config": cfg.to_dict(), "num_classes": labeled.num_classes, "class_names": list(labeled.class_names),
+            "palette": [tuple(c) for c in labeled.palette]}
+    start = time.time() - elapsed
+    bar = range(trainer.iteration, cfg.iterations)
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(bar, desc=f"{cfg.variant} seed{cfg.seed}", dynamic_ncols=True, file=sys.stdout)
-    with open(metrics_path, "a") as log:
-        for it in bar:
-            terms = trainer.step(labeled_batch(it), unlabeled_batch(it) if unlabeled_batch else None,
-                                 source_batch(it) if source_batch else None)
-            if progress:
-                bar.set_postfix({k: f"{v:.3f}" for k, v in terms.items()})
-            record = None
-            if (it + 1) % cfg.log_every == 0 or it + 1 == cfg.iterations:
-                record = {"iteration": it + 1, **terms, "lr": trainer.optimizer.param_groups[0]["lr"],
-                          "bank_fill": float(trainer.bank.count.float().mean() / cfg.psi), "seconds": round(time.time() - start, 2)}
-            if cfg.eval_every and (it + 1) % cfg.eval_every == 0 and it + 1 < cfg.iterations:
-                record = (record or {"iteration": it + 1}) | {"val_miou": evaluate(eval_model(trainer), val, cfg.eval_size, device)["miou"]}
-            if record:
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-    seconds = time.time() - start
-    result = evaluate(eval_model(trainer), val, cfg.eval_size, device, progress=progress)
-    atomic_torch_save({"config": cfg.to_dict(), "num_classes": labeled.num_classes, "class_names": list(labeled.class_names),
-                       "palette": [tuple(c) for c in labeled.palette], **trainer.state_dict()}, run_dir / "checkpoint.pt")
+        bar = tqdm(bar, desc=f"{cfg.variant} seed{cfg.seed}", dynamic_ncols=True, file=sys.stdout,
+                   initial=trainer.iteration, total=cfg.iterations)
+    try:
+        with open(metrics_path, "a") as log:
+            for it in bar:
+                terms = trainer.step(labeled_batch(it), unlabeled_batch(it) if unlabeled_batch else None,
+                                     source_batch(it) if source_batch else None)
+                if progress:
+                    bar.set_postfix({k: f"{v:.3f}" for k, v in terms.items()})
+                record = None
+                if (it + 1) % cfg.log_every == 0 or it + 1 == cfg.iterations:
+                    record = {"iteration": it + 1, **terms, "lr": trainer.optimizer.param_groups[0]["lr"],
+                              "bank_fill": float(trainer.bank.count.float().mean() / cfg.psi), "seconds": round(time.time() - start, 2)}
+                if cfg.eval_every and (it + 1) % cfg.eval_every == 0 and it + 1 < cfg.iterations:
+                    record = (record or {"iteration": it + 1}) | {"val_miou": evaluate(eval_model(trainer), val, cfg.eval_size, device)["miou"]}
+                if record:
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
+                if cfg.checkpoint_every and (it + 1) % cfg.checkpoint_every == 0 and it + 1 < cfg.iterations:
+                    save_checkpoint(run_dir, {**meta, **trainer.state_dict(), "seconds": time.time() - start}, cfg.keep_checkpoints)
+        seconds = time.time() - start
+        result = evaluate(eval_model(trainer), val, cfg.eval_size, device, progress=progress)
+    except BaseException as err:
+        write_status(run_dir, "crashed", iteration=trainer.iteration, error=f"{type(err).__name__}: {err}")
+        raise
+    atomic_torch_save({**meta, **trainer.state_dict(), "seconds": seconds}, run_dir / "checkpoint.pt")
     summary = {"miou": round(result["miou"], 4), "per_class_iou": result["per_class_iou"], "iterations": cfg.iterations,
                "seconds": round(seconds, 1), "variant": cfg.variant, "seed": cfg.seed, "split": cfg.split,
                "profile": cfg.profile, "dataset": cfg.dataset, "ratio": cfg.ratio, "arch": cfg.arch,
@@ -299,6 +359,7 @@ def train(cfg: Config, progress=True, overwrite=False):
     with open(metrics_path, "a") as log:
         log.write(json.dumps({"iteration": cfg.iterations, "val_miou": summary["miou"]}) + "\n")
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_status(run_dir, "finished", iteration=cfg.iterations)
     return summary
 
 
@@ -310,9 +371,9 @@ def load_checkpoint_model(path, teacher=False):
     """(config, model in eval mode, device) from a checkpoint written by :func:`train`."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = read_checkpoint(path)
     cfg = load_config(overrides=state["config"])
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg)
     model = build_model(cfg.arch, state["num_classes"], pretrained=False)
     model.load_state_dict(state["teacher" if teacher else "student"])
     return cfg, model.to(device).eval(), device
@@ -323,14 +384,12 @@ def main(argv=None):
     parser.add_argument("config", help="YAML file or name of a shipped profile (semiseg/configs)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. iterations=100 seed=1")
     parser.add_argument("--overwrite", action="store_true", help="replace a finished run in the output directory")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint of the run directory")
     parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
-    try:
+    args = parser.parse_intermixed_args(argv)
+    with one_line_errors():
         cfg = load_config(args.config, args.overrides)
-        summary = train(cfg, progress=not args.no_progress, overwrite=args.overwrite)
-    except (ValueError, KeyError, TypeError, FileNotFoundError, FileExistsError, RuntimeError) as err:
-        msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
-        sys.exit(f"error: {msg}")
+        summary = train(cfg, progress=not args.no_progress, overwrite=args.overwrite, resume=args.resume)
     print(json.dumps({k: summary[k] for k in ("variant", "seed", "miou", "iterations", "seconds")}))
 
 

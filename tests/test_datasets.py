@@ -1,6 +1,5 @@
 """Dataset parsing on tiny fixture trees (8x6 images) plus checks on the real CamVid if present."""
 
-import os
 from pathlib import Path
 
 import numpy as np

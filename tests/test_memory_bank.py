@@ -3,20 +3,7 @@
 import torch
 
 from semiseg.memory_bank import ClassMemoryBank, bank_quota, feature_quality_filter
-
-
-def loop_push(memory, labels, feats, scores, image_ids, quota, C, psi):
-    """Reference: python lists, one loop over classes and images, as the paper describes it."""
-    out = []
-    for c in range(C):
-        new = []
-        for img in sorted(set(image_ids.tolist())):
-            idx = [i for i in range(len(labels)) if labels[i] == c and image_ids[i] == img]
-            idx.sort(key=lambda i: -float(scores[i]))
-            new += idx[:quota]
-        new.sort(key=lambda i: -float(scores[i]))
-        out.append(([feats[i] for i in new] + memory[c])[:psi])
-    return out
+from semiseg.reference import memory_push_loop
 
 
 def test_push_matches_loop_reference_over_several_updates():
@@ -32,7 +19,7 @@ def test_push_matches_loop_reference_over_several_updates():
         scores = torch.rand(N, generator=g)
         image_ids = torch.randint(0, 3, (N,), generator=g) + 10 * step
         bank.push(feats, labels, scores, image_ids, quota=2)
-        reference = loop_push(reference, labels, feats, scores, image_ids, 2, C, psi)
+        reference = memory_push_loop(reference, feats, labels, scores, image_ids, 2, psi)
         for c in range(C):
             want = torch.stack(reference[c]) if reference[c] else torch.zeros(0, D)
             assert torch.equal(bank.get(c), want), (step, c)

@@ -16,7 +16,8 @@ def _name(spec):
 
 def test_environment_yml_matches_pyproject():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    wanted = {_name(s): s.replace(" ", "") for s in project["dependencies"] + project["optional-dependencies"]["dev"]}
+    specs = project["dependencies"] + [s for extra in project["optional-dependencies"].values() for s in extra]
+    wanted = {_name(s): s.replace(" ", "") for s in specs}
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
     have = {}
     for dep in env["dependencies"]:

@@ -1,0 +1,100 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+#     text_representation: {extension: .py, format_name: percent}
+#   kernelspec: {display_name: Python 3, language: python, name: python3}
+# ---
+
+# %% [markdown]
+# # Training one run (the parameterised notebook)
+#
+# This notebook trains one run of the method — or one of its ablations — and is what
+# papermill executes for every reproduction run. Change the cell below by hand in
+# JupyterLab, or from the command line:
+#
+# ```bash
+# papermill notebooks/08_train.ipynb out.ipynb -p variant supervised -p seed 1
+# ```
+#
+# A run writes `config.yaml` (every setting, resolved), `metrics.jsonl` (loss terms every
+# `log_every` iterations), `summary.json` (mIoU in percent, per-class IoU, time, seed, split,
+# profile) and `checkpoint.pt` into `out_dir`, plus `curves.png`. With `resume=True` it
+# continues from the newest valid checkpoint of `out_dir` (profiles write one every
+# `checkpoint_every` iterations).
+
+# %% tags=["parameters"]
+profile = "camvid_quick"
+dataset = "camvid"
+ratio = "1/8"
+split = 0
+variant = "full"
+seed = 0
+out_dir = ""
+resume = False
+smoke = False
+
+# %%
+import json
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+
+from semiseg.compare import VARIANTS
+from semiseg.config import load_config
+from semiseg.train import train
+
+overrides = {**VARIANTS[variant], "dataset": dataset, "ratio": ratio, "split": split, "variant": variant, "seed": seed}
+if smoke:
+    profile = "smoke"
+    overrides.update({"dataset": "tiny", "ratio": "1/4"})
+cfg = load_config(profile, overrides)
+if out_dir:
+    cfg.out_dir = out_dir
+print(f"profile {cfg.profile}: {cfg.arch}, {cfg.iterations} iterations, run dir {cfg.run_dir()}")
+
+# %% [markdown]
+# The variant only changes loss weights of eq. (1): `supervised` sets
+# $\lambda_{pseudo} = \lambda_{ent} = \lambda_{contr} = 0$; `full` keeps the paper's
+# $\lambda_{sup}=1, \lambda_{pseudo}=1, \lambda_{ent}=0.01, \lambda_{contr}=0.1$.
+
+# %%
+summary_path = cfg.run_dir() / "summary.json"
+if summary_path.exists() and not resume:
+    print(f"{summary_path} exists: showing the finished run")
+    summary = json.loads(summary_path.read_text())
+else:
+    summary = train(cfg, progress=True, resume=resume)
+print(json.dumps({k: summary[k] for k in ("variant", "seed", "miou", "iterations", "seconds")}))
+
+# %% [markdown]
+# ## Curves
+# Loss terms of eq. (1) over the iterations (each unweighted), and the memory-bank fill.
+
+# %%
+records = [json.loads(line) for line in (cfg.run_dir() / "metrics.jsonl").read_text().splitlines()]
+steps = [r for r in records if "loss" in r]
+fig, axes = plt.subplots(1, 2, figsize=(11, 3.5))
+for term in ("sup", "pseudo", "ent", "contr"):
+    points = [(r["iteration"], r[term]) for r in steps if term in r]
+    if points:
+        axes[0].plot(*zip(*points), label=term)
+axes[0].set(xlabel="iteration", ylabel="loss term", yscale="log", title="loss terms")
+axes[0].legend()
+axes[1].plot([r["iteration"] for r in steps], [r["bank_fill"] for r in steps])
+axes[1].set(xlabel="iteration", ylabel="fraction of psi filled", title="memory bank fill", ylim=(0, 1.05))
+fig.tight_layout()
+curves = cfg.run_dir() / "curves.png"
+tmp = curves.with_name(".curves.png.tmp")
+fig.savefig(tmp, format="png", dpi=80)
+tmp.replace(curves)
+
+# %% [markdown]
+# ## Checks
+
+# %%
+assert summary_path.exists() and 0.0 <= summary["miou"] <= 100.0
+assert summary["variant"] == variant and summary["seed"] == seed
+assert steps and steps[-1]["iteration"] == cfg.iterations
+if variant == "supervised":
+    assert all("pseudo" not in r and "contr" not in r for r in steps)
