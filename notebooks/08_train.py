@@ -31,6 +31,7 @@ split = 0
 variant = "full"
 seed = 0
 out_dir = ""
+overrides = ""
 resume = False
 smoke = False
 
@@ -44,19 +45,21 @@ from semiseg.compare import VARIANTS
 from semiseg.config import load_config
 from semiseg.train import train
 
-overrides = {**VARIANTS[variant], "dataset": dataset, "ratio": ratio, "split": split, "variant": variant, "seed": seed}
+settings = {**VARIANTS.get(variant, {}), "dataset": dataset, "ratio": ratio, "split": split, "variant": variant, "seed": seed}
+settings.update(dict(item.split("=", 1) for item in overrides.split()))  # e.g. "lambda_contr=1 psi=64"
 if smoke:
     profile = "smoke"
-    overrides.update({"dataset": "tiny", "ratio": "1/4"})
-cfg = load_config(profile, overrides)
+    settings.update({"dataset": "tiny", "ratio": "1/4"})
+cfg = load_config(profile, settings)
 if out_dir:
     cfg.out_dir = out_dir
 print(f"profile {cfg.profile}: {cfg.arch}, {cfg.iterations} iterations, run dir {cfg.run_dir()}")
 
 # %% [markdown]
-# The variant only changes loss weights of eq. (1): `supervised` sets
+# A variant is a named set of overrides (`semiseg.compare.VARIANTS`): `supervised` sets
 # $\lambda_{pseudo} = \lambda_{ent} = \lambda_{contr} = 0$; `full` keeps the paper's
-# $\lambda_{sup}=1, \lambda_{pseudo}=1, \lambda_{ent}=0.01, \lambda_{contr}=0.1$.
+# $\lambda_{sup}=1, \lambda_{pseudo}=1, \lambda_{ent}=0.01, \lambda_{contr}=0.1$. The
+# `overrides` parameter adds any other setting, e.g. `"lambda_contr=1"` for Table 6.
 
 # %%
 summary_path = cfg.run_dir() / "summary.json"

@@ -45,3 +45,26 @@ def paper_table(number, path=BOOK / "paper_tables.csv"):
     """Rows of the paper's Table ``number`` (strings, miou as float)."""
     with open(path, newline="") as f:
         return [{**row, "miou": float(row["miou"])} for row in csv.DictReader(f) if row["table"] == str(number)]
+
+
+def trained_checkpoint(variant="full", smoke=False, short_iterations=150):
+    """A checkpoint for the qualitative pages: the committed CamVid quick run's if it is on disk
+    (checkpoints are not committed), else a short run trained here (said clearly), else — with
+    ``smoke`` or without CamVid — the seconds-long smoke profile on TinyShapes."""
+    from .config import load_config
+    from .data import data_root
+    from .train import train
+
+    committed = BOOK / "results" / "camvid" / "1-8" / "split0" / variant / "seed0" / "checkpoint.pt"
+    if committed.exists() and not smoke:
+        return committed
+    if smoke or not (data_root() / "camvid").is_dir():
+        cfg = load_config("smoke", {"out_dir": str(Path("runs") / "book" / f"smoke_{variant}")})
+    else:
+        cfg = load_config("camvid_quick", {"iterations": short_iterations, "checkpoint_every": 0,
+                                           "out_dir": str(Path("runs") / "book" / f"short_{variant}")})
+    path = cfg.run_dir() / "checkpoint.pt"
+    if not path.exists():
+        print(f"no trained checkpoint found: training a short {cfg.profile} run ({cfg.iterations} iterations) into {cfg.run_dir()}")
+        train(cfg, progress=False, overwrite=True)
+    return path

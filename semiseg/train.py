@@ -270,17 +270,24 @@ def write_status(run_dir, status, **info):
     atomic_write_text(Path(run_dir) / "status.json", json.dumps({"status": status, **info}) + "\n")
 
 
-def _metrics_until(path, iteration):
-    """Keep the metric records up to ``iteration`` (resume), dropping any half-written last line."""
-    kept = []
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if record.get("iteration", 0) <= iteration:
-            kept.append(line)
-    atomic_write_text(path, "".join(k + "\n" for k in kept))
+class MetricsLog:
+    """``metrics.jsonl``, rewritten atomically at every record: never a half-written line.
+
+    On resume only the records up to the checkpoint's iteration are kept.
+    """
+
+    def __init__(self, path, until_iteration):
+        self.path = Path(path)
+        lines = self.path.read_text().splitlines() if self.path.exists() else []
+        self.records = [r for r in map(json.loads, lines) if r.get("iteration", 0) <= until_iteration]
+        self._write()
+
+    def add(self, record):
+        self.records.append(record)
+        self._write()
+
+    def _write(self):
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
 
 
 def train(cfg: Config, progress=True, overwrite=False, resume=False):
@@ -315,8 +322,7 @@ def train(cfg: Config, progress=True, overwrite=False, resume=False):
     semi = cfg.lambda_pseudo or cfg.lambda_ent or cfg.lambda_contr
     unlabeled_batch = batches(unlabeled, cfg.batch_unlabeled, 2) if semi and len(unlabeled) else None
     source_batch = batches(source, cfg.batch_labeled, 3) if source is not None else None
-    metrics_path = run_dir / "metrics.jsonl"
-    _metrics_until(metrics_path, trainer.iteration)
+    metrics = MetricsLog(run_dir / "metrics.jsonl", trainer.iteration)
     write_status(run_dir, "running", iteration=trainer.iteration)
     meta = {"config": cfg.to_dict(), "num_classes": labeled.num_classes, "class_names": list(labeled.class_names),
             "palette": [tuple(c) for c in labeled.palette]}
@@ -328,23 +334,21 @@ def train(cfg: Config, progress=True, overwrite=False, resume=False):
         bar = tqdm(bar, desc=f"{cfg.variant} seed{cfg.seed}", dynamic_ncols=True, file=sys.stdout,
                    initial=trainer.iteration, total=cfg.iterations)
     try:
-        with open(metrics_path, "a") as log:
-            for it in bar:
-                terms = trainer.step(labeled_batch(it), unlabeled_batch(it) if unlabeled_batch else None,
-                                     source_batch(it) if source_batch else None)
-                if progress:
-                    bar.set_postfix({k: f"{v:.3f}" for k, v in terms.items()})
-                record = None
-                if (it + 1) % cfg.log_every == 0 or it + 1 == cfg.iterations:
-                    record = {"iteration": it + 1, **terms, "lr": trainer.optimizer.param_groups[0]["lr"],
-                              "bank_fill": float(trainer.bank.count.float().mean() / cfg.psi), "seconds": round(time.time() - start, 2)}
-                if cfg.eval_every and (it + 1) % cfg.eval_every == 0 and it + 1 < cfg.iterations:
-                    record = (record or {"iteration": it + 1}) | {"val_miou": evaluate(eval_model(trainer), val, cfg.eval_size, device)["miou"]}
-                if record:
-                    log.write(json.dumps(record) + "\n")
-                    log.flush()
-                if cfg.checkpoint_every and (it + 1) % cfg.checkpoint_every == 0 and it + 1 < cfg.iterations:
-                    save_checkpoint(run_dir, {**meta, **trainer.state_dict(), "seconds": time.time() - start}, cfg.keep_checkpoints)
+        for it in bar:
+            terms = trainer.step(labeled_batch(it), unlabeled_batch(it) if unlabeled_batch else None,
+                                 source_batch(it) if source_batch else None)
+            if progress:
+                bar.set_postfix({k: f"{v:.3f}" for k, v in terms.items()})
+            record = None
+            if (it + 1) % cfg.log_every == 0 or it + 1 == cfg.iterations:
+                record = {"iteration": it + 1, **terms, "lr": trainer.optimizer.param_groups[0]["lr"],
+                          "bank_fill": float(trainer.bank.count.float().mean() / cfg.psi), "seconds": round(time.time() - start, 2)}
+            if cfg.eval_every and (it + 1) % cfg.eval_every == 0 and it + 1 < cfg.iterations:
+                record = (record or {"iteration": it + 1}) | {"val_miou": evaluate(eval_model(trainer), val, cfg.eval_size, device)["miou"]}
+            if record:
+                metrics.add(record)
+            if cfg.checkpoint_every and (it + 1) % cfg.checkpoint_every == 0 and it + 1 < cfg.iterations:
+                save_checkpoint(run_dir, {**meta, **trainer.state_dict(), "seconds": time.time() - start}, cfg.keep_checkpoints)
         seconds = time.time() - start
         result = evaluate(eval_model(trainer), val, cfg.eval_size, device, progress=progress)
     except BaseException as err:
@@ -356,8 +360,7 @@ def train(cfg: Config, progress=True, overwrite=False, resume=False):
                "profile": cfg.profile, "dataset": cfg.dataset, "ratio": cfg.ratio, "arch": cfg.arch,
                "evaluated": cfg.eval_with, "device": str(device), "torch": torch.__version__,
                "machine": f"{os.cpu_count()} CPU threads" if device == "cpu" else torch.cuda.get_device_name()}
-    with open(metrics_path, "a") as log:
-        log.write(json.dumps({"iteration": cfg.iterations, "val_miou": summary["miou"]}) + "\n")
+    metrics.add({"iteration": cfg.iterations, "val_miou": summary["miou"]})
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     write_status(run_dir, "finished", iteration=cfg.iterations)
     return summary

@@ -47,3 +47,20 @@ def test_bad_values_name_the_key(override, message):
 def test_missing_config_file_lists_shipped_ones():
     with pytest.raises(FileNotFoundError, match="camvid_quick"):
         load_config("no_such_profile")
+
+
+def test_atomic_write_leaves_old_file_when_interrupted(tmp_path, monkeypatch):
+    import os
+
+    from semiseg.config import atomic_write_text
+
+    target = tmp_path / "summary.json"
+    atomic_write_text(target, "old")
+
+    def crash(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write_text(target, "new")
+    assert target.read_text() == "old" and list(tmp_path.iterdir()) == [target]

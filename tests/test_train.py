@@ -113,3 +113,31 @@ def test_camvid_domain_adaptation_config_selects_sequences():
     from semiseg.train import build_eval_dataset
 
     assert build_eval_dataset(cfg).names == unlabeled.names
+
+
+def test_eq1_total_is_weighted_sum_and_eq5_pseudo_labels_are_teacher_argmax(monkeypatch):
+    cfg = load_config("smoke", {"fqf": False, "warmup_frac": 0.0, "lambda_ent": 0.5, "lambda_contr": 2.0})
+    labeled, _, _ = build_train_data(cfg)
+    trainer = Trainer(cfg, labeled.num_classes, len(labeled), "cpu")
+    g = torch.Generator().manual_seed(1)
+    images = torch.rand(2, 3, 64, 64, generator=g)
+    labels = torch.randint(0, labeled.num_classes, (2, 64, 64), generator=g)
+    # Eq. (5): arg max of the teacher's class distribution on the un-augmented image
+    pseudo, conf = trainer.pseudo_labels(images)
+    logits, _ = trainer.teacher(images)
+    probs = torch.softmax(torch.nn.functional.interpolate(logits, size=(64, 64), mode="bilinear", align_corners=False), 1)
+    assert torch.equal(pseudo, probs.argmax(1)) and torch.allclose(conf, probs.max(1).values)
+    terms = trainer.step((images, labels, torch.tensor([0, 1])), (images, labels, torch.tensor([2, 3])))
+    trainer.step((images, labels, torch.tensor([0, 1])), (images, labels, torch.tensor([2, 3])))  # bank now filled
+    terms = trainer.step((images, labels, torch.tensor([0, 1])), (images, labels, torch.tensor([2, 3])))
+    # Eq. (1)
+    want = 1.0 * terms["sup"] + 1.0 * terms["pseudo"] + 0.5 * terms["ent"] + 2.0 * terms["contr"]
+    assert terms["loss"] == pytest.approx(want, rel=1e-5) and terms["contr"] > 0
+
+
+def test_warmup_zeroes_pseudo_and_contr_only():
+    cfg = load_config("smoke", {"iterations": 150, "warmup_frac": 2 / 150})
+    trainer = Trainer(cfg, 4, 12, "cpu")
+    assert trainer.lambdas() == {"sup": 1.0, "pseudo": 0.0, "ent": 0.01, "contr": 0.0}
+    trainer.iteration = 2
+    assert trainer.lambdas() == {"sup": 1.0, "pseudo": 1.0, "ent": 0.01, "contr": 0.1}

@@ -1,0 +1,158 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+#     text_representation: {extension: .py, format_name: percent}
+#   kernelspec: {display_name: Python 3, language: python, name: python3}
+# ---
+
+# %% [markdown]
+# # Embeddings: what the memory bank holds, and whether unlabeled features join it
+#
+# The contrastive loss (eq. 8–11) pulls each student prediction vector towards the teacher's
+# projection vectors of its class in the memory bank, which come from *labeled* images only
+# (§3.4). The claim of the paper is that this aligns the features of unlabeled images with
+# those of labeled ones, class by class. Here we look: a UMAP of the bank's vectors coloured by
+# class, and a joint UMAP of the bank and of projection vectors $g_\xi(f_\xi^-(x_u))$ of
+# unlabeled images (coloured by their ground truth, which training never saw).
+
+# %% tags=["parameters"]
+smoke = False
+seed = 0
+num_unlabeled_images = 12
+max_points_per_class = 150
+
+# %%
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+import torch.nn.functional as F
+import umap
+
+from semiseg import results
+from semiseg.checkpoint import read_checkpoint
+from semiseg.data import build_dataset, read_split
+from semiseg.data.sampling import load_crop, seeded
+from semiseg.models import build_model
+from semiseg.train import pixels_to_vectors
+
+torch.manual_seed(seed)
+checkpoint = results.trained_checkpoint("full", smoke=smoke)
+state = read_checkpoint(checkpoint)
+cfg_dict, class_names, palette = state["config"], state["class_names"], np.asarray(state["palette"]) / 255
+teacher = build_model(cfg_dict["arch"], state["num_classes"], pretrained=False)
+teacher.load_state_dict(state["teacher"])
+teacher.eval()
+memory, count = state["bank"]["memory"], state["bank"]["count"]
+print(f"checkpoint {checkpoint}: bank holds {count.tolist()} vectors per class (psi = {memory.shape[1]})")
+
+# %% [markdown]
+# ## The memory bank
+#
+# Each class keeps its newest ψ high-quality teacher vectors (FQF + ranking by $S_{c,\xi}$).
+
+# %%
+bank_vectors = torch.cat([memory[c, : int(count[c])] for c in range(len(count))])
+bank_labels = torch.cat([torch.full((int(count[c]),), c) for c in range(len(count))])
+print(f"{len(bank_vectors)} bank vectors")
+
+# %% [markdown]
+# ## Unlabeled-image features
+#
+# Projection vectors of the teacher on unlabeled training images, at feature resolution,
+# labelled with the (unused in training) ground truth for colouring only.
+
+# %%
+dataset = build_dataset(cfg_dict["dataset"], "train", cfg_dict["data_root"])
+if cfg_dict["dataset"] == "tiny":
+    unlabeled_names = dataset.names[len(dataset.names) // 4:]
+else:
+    unlabeled_names = read_split(cfg_dict["dataset"], cfg_dict["ratio"], cfg_dict["split"])[1]
+unlabeled = dataset.subset(unlabeled_names[: (2 if smoke else num_unlabeled_images)])
+feats, labels = [], []
+with torch.no_grad():
+    for i in range(len(unlabeled)):
+        image, label = load_crop(unlabeled, i, cfg_dict["base_size"], cfg_dict["base_size"] or cfg_dict["crop_size"], seeded(seed, i))
+        _, v = teacher(image[None])
+        vectors, vec_labels, _ = pixels_to_vectors(v, label[None])
+        keep = vec_labels != 255
+        feats.append(teacher.projection(vectors[keep]))
+        labels.append(vec_labels[keep])
+unl_vectors, unl_labels = torch.cat(feats), torch.cat(labels)
+
+
+def subsample(vectors, labels, per_class, generator):
+    keep = []
+    for c in labels.unique():
+        idx = (labels == c).nonzero().flatten()
+        keep.append(idx[torch.randperm(len(idx), generator=generator)[:per_class]])
+    keep = torch.cat(keep)
+    return vectors[keep], labels[keep]
+
+
+g = torch.Generator().manual_seed(seed)
+bank_s, bank_l = subsample(bank_vectors, bank_labels, max_points_per_class, g)
+unl_s, unl_l = subsample(unl_vectors, unl_labels, max_points_per_class, g)
+print(f"UMAP on {len(bank_s)} bank + {len(unl_s)} unlabeled vectors")
+
+# %%
+points = F.normalize(torch.cat([bank_s, unl_s]), dim=1).numpy()  # the loss compares directions (eq. 9)
+embedding = umap.UMAP(n_neighbors=15, min_dist=0.1, metric="euclidean", random_state=seed,
+                      n_epochs=50 if smoke else 200).fit_transform(points)
+emb_bank, emb_unl = embedding[: len(bank_s)], embedding[len(bank_s):]
+fig, axes = plt.subplots(1, 2, figsize=(12, 5), sharex=True, sharey=True)
+for c, name in enumerate(class_names):
+    axes[0].scatter(*emb_bank[bank_l.numpy() == c].T, s=6, color=palette[c], label=name)
+    axes[1].scatter(*emb_unl[unl_l.numpy() == c].T, s=6, color=palette[c], marker="x")
+    axes[1].scatter(*emb_bank[bank_l.numpy() == c].T, s=3, color=palette[c], alpha=0.25)
+axes[0].set_title("memory bank (labeled images, teacher)")
+axes[1].set_title("unlabeled images (x) over the bank (faint)")
+axes[0].legend(markerscale=3, fontsize=7, loc="best")
+fig.tight_layout()
+plt.show()
+
+# %% [markdown]
+# ## Do labeled and unlabeled features of a class align?
+#
+# A number to go with the picture: the cosine similarity between the mean direction of each
+# class in the bank and the mean direction of the unlabeled vectors of each class. A diagonal
+# that stands out means unlabeled features sit with the bank vectors of their own class.
+
+# %%
+classes = [c for c in range(len(class_names)) if (bank_labels == c).any() and (unl_labels == c).any()]
+
+
+def mean_direction(vectors, labels, c):
+    return F.normalize(F.normalize(vectors[labels == c], dim=1).mean(0), dim=0)
+
+
+sim = torch.stack([torch.stack([mean_direction(unl_vectors, unl_labels, a) @ mean_direction(bank_vectors, bank_labels, b)
+                                for b in classes]) for a in classes]).numpy()
+fig, ax = plt.subplots(figsize=(5.5, 4.5))
+im = ax.imshow(sim, cmap="viridis", vmin=-1, vmax=1)
+ax.set_xticks(range(len(classes)), [class_names[c] for c in classes], rotation=60, fontsize=7)
+ax.set_yticks(range(len(classes)), [class_names[c] for c in classes], fontsize=7)
+ax.set(xlabel="bank class", ylabel="unlabeled class")
+fig.colorbar(im)
+fig.tight_layout()
+plt.show()
+diag = float(np.mean(np.diag(sim))) if classes else float("nan")
+off = float(sim[~np.eye(len(classes), dtype=bool)].mean()) if len(classes) > 1 else float("nan")
+print(f"mean same-class similarity {diag:.3f}, mean other-class similarity {off:.3f}")
+
+# %% [markdown]
+# ## Checks
+
+# %%
+assert embedding.shape == (len(points), 2) and np.isfinite(embedding).all()
+assert int(count.sum()) == len(bank_vectors) and (count <= memory.shape[1]).all()
+if not smoke and len(classes) > 1:
+    # a trained model's unlabeled features point to their own class's bank vectors more than to others
+    assert diag > off, (diag, off)
+
+# %% [markdown]
+# ## What differs from the paper
+#
+# The paper shows no embedding plot; this page is our own look at its claim. We embed unit
+# vectors (the loss only sees directions, eq. 9) and use the teacher for both sides, as the
+# bank does (§3.4).

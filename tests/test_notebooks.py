@@ -1,0 +1,34 @@
+"""Every notebook runs end to end with its `smoke` parameter (papermill, the venv's kernel)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.py"))
+
+
+def test_first_code_cell_is_a_literal_parameters_cell():
+    import ast
+
+    import jupytext
+
+    for path in NOTEBOOKS:
+        nb = jupytext.read(path)
+        code = [c for c in nb.cells if c.cell_type == "code"]
+        assert code and "parameters" in code[0].metadata.get("tags", []), path.name
+        for node in ast.parse(code[0].source).body:
+            assert isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant), (path.name, ast.dump(node))
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_runs_in_smoke_mode(path, tmp_path):
+    import jupytext
+    import papermill
+
+    source = tmp_path / f"{path.stem}.ipynb"
+    jupytext.write(jupytext.read(path), source)
+    papermill.execute_notebook(str(source), str(tmp_path / f"{path.stem}.out.ipynb"), parameters={"smoke": True},
+                               kernel_name="python3", cwd=str(ROOT), progress_bar=False,
+                               stdout_file=sys.stdout, stderr_file=sys.stderr)

@@ -1,0 +1,34 @@
+"""The reproduction runner: papermill runs of the train notebook, skip finished, survive a failure."""
+
+import json
+
+import pytest
+
+from semiseg import reproduce
+
+
+def test_grid_plans_match_the_paper_tables():
+    assert len(reproduce.GRIDS["table5"]) == 8 and len(reproduce.GRIDS["table6"]) == 7
+    assert [v for v, _ in reproduce.GRIDS["table7"]] == ["psi=32", "psi=64", "psi=128", "psi=256", "psi=512"]
+    runs = reproduce.plan("headline", "quick", [0, 1, 2], [0])
+    assert len(runs) == 6 and runs[0]["out_dir"].endswith("book/results/camvid/1-8/split0/supervised/seed0")
+
+
+def test_smoke_grid_runs_skips_and_survives_a_failing_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SEMISEG_SMOKE_RUNS", str(tmp_path))
+    monkeypatch.setitem(reproduce.GRIDS, "test", [("ok", ""), ("broken", "psi=0"), ("also_ok", "lambda_contr=1")])
+    with pytest.raises(SystemExit) as exit_info:
+        reproduce.main(["test", "--profile", "smoke"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 1
+    assert "2 ran, 0 skipped, 1 failed" in out
+    failed = tmp_path / "tiny" / "1-4" / "split0" / "broken" / "seed0" / "train.failed.ipynb"
+    assert f"failed: {failed}: cell" in out and "'psi' = 0: must be >= 1" in out
+    for variant in ("ok", "also_ok"):
+        run = tmp_path / "tiny" / "1-4" / "split0" / variant / "seed0"
+        assert json.loads((run / "summary.json").read_text())["variant"] == variant
+        assert (run / "train.ipynb").exists() and not list(run.glob(".*tmp"))
+    monkeypatch.setitem(reproduce.GRIDS, "test", [("ok", ""), ("also_ok", "lambda_contr=1")])
+    with pytest.raises(SystemExit) as exit_info:
+        reproduce.main(["test", "--profile", "smoke"])
+    assert exit_info.value.code == 0 and "0 ran, 2 skipped, 0 failed" in capsys.readouterr().out
