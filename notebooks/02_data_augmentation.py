@@ -259,7 +259,11 @@ lut = torch.tensor(palette, dtype=torch.float32) / 255
 expected = lut[out_l.clamp(max=C - 1)].permute(0, 3, 1, 2)
 agree = ((out_i - expected).abs().amax(1) < 2 / 255)[valid].float().mean().item()
 print(f"colour of the augmented image matches its augmented label on {100 * agree:.1f}% of labeled pixels")
-assert agree > 0.9
+# bilinear zooming blurs colours at class borders, so agreement is not 100 %; a label map that
+# did not follow its image (here: the same labels mirrored) agrees on far fewer pixels
+mirrored = ((out_i - expected.flip(-1)).abs().amax(1) < 2 / 255)[valid].float().mean().item()
+print(f"... and with its label map mirrored on {100 * mirrored:.1f}%")
+assert agree > 0.75 and agree > mirrored + 0.2
 assert torch.equal(out_c[valid], out_l[valid].float() / 1000)  # conf follows labels through zoom / crop / mix
 assert (out_c[~valid] == 0).all()  # zoom-out padding: ignore label, zero confidence
 

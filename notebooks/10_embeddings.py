@@ -86,7 +86,7 @@ def subsample(vectors, labels, per_class, generator):
     for c in labels.unique():
         idx = (labels == c).nonzero().flatten()
         keep.append(idx[torch.randperm(len(idx), generator=generator)[:per_class]])
-    keep = torch.cat(keep)
+    keep = torch.cat(keep) if keep else torch.zeros(0, dtype=torch.long)
     return vectors[keep], labels[keep]
 
 

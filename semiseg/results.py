@@ -59,7 +59,8 @@ def trained_checkpoint(variant="full", smoke=False, short_iterations=150):
     if committed.exists() and not smoke:
         return committed
     if smoke or not (data_root() / "camvid").is_dir():
-        cfg = load_config("smoke", {"out_dir": str(Path("runs") / "book" / f"smoke_{variant}")})
+        # FQF off: a few smoke iterations never reach phi, and the bank would stay empty
+        cfg = load_config("smoke", {"fqf": False, "out_dir": str(Path("runs") / "book" / f"smoke_{variant}")})
     else:
         cfg = load_config("camvid_quick", {"iterations": short_iterations, "checkpoint_every": 0,
                                            "out_dir": str(Path("runs") / "book" / f"short_{variant}")})
