@@ -70,7 +70,7 @@ def execute(params, kernel="python3"):
     out.mkdir(parents=True, exist_ok=True)
     source = out / ".train.source.ipynb"
     jupytext.write(jupytext.read(NOTEBOOK), source)
-    final, tmp = out / "train.ipynb", out / ".train.ipynb.tmp"
+    final, tmp = out / "train.ipynb", out / ".train.tmp.ipynb"
     try:
         papermill.execute_notebook(str(source), str(tmp), parameters=params, kernel_name=kernel, cwd=str(ROOT),
                                    progress_bar=False)

@@ -27,7 +27,7 @@ def test_smoke_grid_runs_skips_and_survives_a_failing_run(tmp_path, monkeypatch,
     for variant in ("ok", "also_ok"):
         run = tmp_path / "tiny" / "1-4" / "split0" / variant / "seed0"
         assert json.loads((run / "summary.json").read_text())["variant"] == variant
-        assert (run / "train.ipynb").exists() and not list(run.glob(".*tmp"))
+        assert (run / "train.ipynb").exists() and not list(run.glob(".*tmp*"))
     monkeypatch.setitem(reproduce.GRIDS, "test", [("ok", ""), ("also_ok", "lambda_contr=1")])
     with pytest.raises(SystemExit) as exit_info:
         reproduce.main(["test", "--profile", "smoke"])
