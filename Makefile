@@ -1,10 +1,10 @@
-# The two commands of the README: `make train` (the main job) and `make test`.
+# The two commands of the README: `make book` (the main job) and `make test`.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 export SEMISEG_DATA ?= $(abspath ./data)
 
-.PHONY: setup train test clean
+.PHONY: setup browser book train test clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,12 +15,22 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
+# Debian's chromium for the browser test (Playwright drives it; no browser download)
+browser:
+	command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+
+# The site: the headline CamVid comparison (reused when its summaries are committed), the
+# notebooks executed (cached until semiseg/ changes), HTML in book/_build/html.
+book: setup
+	$(PY) -m semiseg.compare camvid_quick --variants supervised full --seeds 0
+	$(PY) book/build.py
+
 # Supervised-only vs the full method on CamVid 1/8 split 0 (CPU profile), side by side.
 train: setup
 	$(PY) -m semiseg.compare camvid_quick --variants supervised full --seeds 0
 
-test: setup
+test: setup browser
 	$(PY) -m pytest -q
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) runs book/_build book/notebooks book/_mathjax test-artifacts

@@ -60,10 +60,10 @@ def trained_checkpoint(variant="full", smoke=False, short_iterations=150):
         return committed
     if smoke or not (data_root() / "camvid").is_dir():
         # FQF off: a few smoke iterations never reach phi, and the bank would stay empty
-        cfg = load_config("smoke", {"fqf": False, "out_dir": str(Path("runs") / "book" / f"smoke_{variant}")})
+        cfg = load_config("smoke", {"fqf": False, "out_dir": str(BOOK.parent / "runs" / "book" / f"smoke_{variant}")})
     else:
         cfg = load_config("camvid_quick", {"iterations": short_iterations, "checkpoint_every": 0,
-                                           "out_dir": str(Path("runs") / "book" / f"short_{variant}")})
+                                           "out_dir": str(BOOK.parent / "runs" / "book" / f"short_{variant}")})
     path = cfg.run_dir() / "checkpoint.pt"
     if not path.exists():
         print(f"no trained checkpoint found: training a short {cfg.profile} run ({cfg.iterations} iterations) into {cfg.run_dir()}")

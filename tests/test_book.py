@@ -1,0 +1,88 @@
+"""The built site in headless Chromium (Playwright, Debian's chromium): every page loads with no
+failed or outside request, every image loads, equations are typeset, no traceback in outputs.
+Screenshots of the pages go to test-artifacts/book/ for a person to look at."""
+
+import functools
+import http.server
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+HTML = ROOT / "book" / "_build" / "html"
+ARTIFACTS = ROOT / "test-artifacts" / "book"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-quic"]
+
+
+@pytest.fixture(scope="module")
+def site():
+    """Build the book (notebook executions are cached), serve it on 127.0.0.1."""
+    subprocess.run([sys.executable, str(ROOT / "book" / "build.py")], check=True, cwd=ROOT)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(HTML))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def pages():
+    toc = (ROOT / "book" / "_toc.yml").read_text()
+    return ["intro.html"] + [line.split("file:")[1].strip() + ".html" for line in toc.splitlines() if "file:" in line]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    assert CHROMIUM, "Debian's chromium is not installed (apt-get install chromium)"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        yield browser
+        browser.close()
+
+
+@pytest.mark.parametrize("page_path", pages())
+def test_page(site, browser, page_path):
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    problems = []
+    page.on("requestfailed", lambda r: problems.append(f"failed request {r.url} ({r.failure})"))
+    page.on("response", lambda r: r.status >= 400 and problems.append(f"HTTP {r.status} {r.url}"))
+    page.on("request", lambda r: r.url.startswith(site) or r.url.startswith("data:")
+            or problems.append(f"request leaves the machine: {r.url}"))
+    page.goto(f"{site}/{page_path}", wait_until="networkidle")
+    broken = page.eval_on_selector_all("img", "imgs => imgs.filter(i => !i.complete || i.naturalWidth === 0).map(i => i.src)")
+    problems += [f"image did not load: {src}" for src in broken]
+    text = page.inner_text("main") if page.query_selector("main") else page.inner_text("body")
+    if "Traceback (most recent call last)" in text or "Error Traceback" in text:
+        problems.append("a Python traceback in an output")
+    has_math = page.evaluate("document.querySelectorAll('.math, div.math, span.math').length") > 0
+    if has_math:
+        page.wait_for_selector("mjx-container", timeout=20000)
+        raw = page.evaluate("document.querySelectorAll('.math:not(:has(mjx-container))').length")
+        if raw:
+            problems.append(f"{raw} equations not typeset")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / (page_path.replace("/", "_") + ".png")), full_page=False)
+    page.close()
+    assert not problems, problems
+
+
+def test_execution_cache_key_follows_the_package(tmp_path, monkeypatch):
+    """The copied notebooks carry a hash of semiseg/: a package change changes their code, so
+    Jupyter Book's cache (keyed on code cells) re-executes them."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("book_build", ROOT / "book" / "build.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    (tmp_path / "semiseg").mkdir()
+    (tmp_path / "semiseg" / "losses.py").write_text("x = 1\n")
+    monkeypatch.setattr(build, "ROOT", tmp_path)
+    before = build.package_hash()
+    (tmp_path / "semiseg" / "losses.py").write_text("x = 2\n")
+    assert build.package_hash() != before
