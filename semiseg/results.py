@@ -47,7 +47,7 @@ def paper_table(number, path=BOOK / "paper_tables.csv"):
         return [{**row, "miou": float(row["miou"])} for row in csv.DictReader(f) if row["table"] == str(number)]
 
 
-def trained_checkpoint(variant="full", smoke=False, short_iterations=150):
+def trained_checkpoint(variant="full", smoke=False, short_iterations=400):
     """A checkpoint for the qualitative pages: the committed CamVid quick run's if it is on disk
     (checkpoints are not committed), else a short run trained here (said clearly), else — with
     ``smoke`` or without CamVid — the seconds-long smoke profile on TinyShapes."""
