@@ -63,7 +63,7 @@ def trained_checkpoint(variant="full", smoke=False, short_iterations=400):
         cfg = load_config("smoke", {"fqf": False, "out_dir": str(BOOK.parent / "runs" / "book" / f"smoke_{variant}")})
     else:
         cfg = load_config("camvid_quick", {"iterations": short_iterations, "checkpoint_every": 0,
-                                           "out_dir": str(BOOK.parent / "runs" / "book" / f"short_{variant}")})
+                                           "out_dir": str(BOOK.parent / "runs" / "book" / f"short_{variant}_{short_iterations}")})
     path = cfg.run_dir() / "checkpoint.pt"
     if not path.exists():
         print(f"no trained checkpoint found: training a short {cfg.profile} run ({cfg.iterations} iterations) into {cfg.run_dir()}")
