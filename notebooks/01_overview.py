@@ -29,7 +29,7 @@ import torch
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
 
 from semiseg.config import Config, load_config
-from semiseg.data import build_dataset
+from semiseg.data.tiny import camvid_or_tiny
 from semiseg.data.sampling import Batches
 from semiseg.teacher import tau_schedule
 from semiseg.train import Trainer, build_train_data
@@ -41,15 +41,7 @@ if smoke:
 t_start = time.time()
 
 # Real CamVid if $SEMISEG_DATA holds it; otherwise the built-in TinyShapes data, said loudly.
-try:
-    build_dataset("camvid", "train")
-    data_overrides = {}
-except FileNotFoundError as err:
-    print("=" * 78)
-    print(f"CamVid NOT FOUND: {err}")
-    print("FALLING BACK to the built-in TinyShapes data: the images below are synthetic shapes.")
-    print("=" * 78)
-    data_overrides = {"dataset": "tiny", "base_size": None, "ratio": "1/4"}
+_, data_overrides = camvid_or_tiny("train")
 
 # The CPU profile of the README, shrunk to a single step on 2 + 2 images.
 cfg = load_config("camvid_quick", {**data_overrides, "seed": seed, "batch_labeled": 2, "batch_unlabeled": 2,

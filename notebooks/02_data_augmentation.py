@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from IPython.display import Markdown, display
 
-from semiseg.data import TinyShapes, build_dataset
+from semiseg.data.tiny import camvid_or_tiny
 from semiseg.data.augment import STRONG, WEAK, AugParams, augment, classmix, classmix_mask
 from semiseg.data.sampling import load_crop, seeded
 from semiseg.viz import label_image, show_source
@@ -38,14 +38,8 @@ if smoke:
     num_images, num_draws, base_size = 3, 2, [120, 90]
 t_start = time.time()
 
-try:
-    dataset = build_dataset("camvid", "train")
-except FileNotFoundError as err:
-    print("=" * 78)
-    print(f"CamVid NOT FOUND: {err}")
-    print("FALLING BACK to the built-in TinyShapes data: the images below are synthetic shapes.")
-    print("=" * 78)
-    dataset = TinyShapes("train")
+dataset, data_overrides = camvid_or_tiny("train")
+if data_overrides:
     base_size = list(dataset.size)
 print(dataset, "| resized to", base_size)
 

@@ -29,7 +29,7 @@ import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 
-from semiseg.data import TinyShapes, build_dataset
+from semiseg.data.tiny import camvid_or_tiny
 from semiseg.data.sampling import load_crop, seeded
 from semiseg.models import ASPPv2, ClassAttention, EffNetLite0DeepLabV3Plus, MLPHead, SegModel, build_model
 from semiseg.models.efficientnet_lite import efficientnet_lite0_weights_path
@@ -40,14 +40,7 @@ if smoke:
     image_size, build_deeplabv2 = [160, 120], False
 t_start = time.time()
 
-try:
-    dataset = build_dataset("camvid", "train")
-except FileNotFoundError as err:
-    print("=" * 78)
-    print(f"CamVid NOT FOUND: {err}")
-    print("FALLING BACK to the built-in TinyShapes data: the image below is synthetic shapes.")
-    print("=" * 78)
-    dataset = TinyShapes("train")
+dataset, _ = camvid_or_tiny("train")
 C = dataset.num_classes
 image, label = load_crop(dataset, image_index, image_size, image_size, seeded(seed))
 x = image[None]  # [1, 3, H, W] in [0, 1]

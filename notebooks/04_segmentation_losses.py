@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from semiseg import losses
 from semiseg.config import load_config
 from semiseg.data import build_dataset
+from semiseg.data.tiny import camvid_or_tiny
 from semiseg.data.sampling import Batches, load_crop, seeded
 from semiseg.teacher import make_teacher
 from semiseg.train import Trainer, build_train_data
@@ -42,15 +43,8 @@ if smoke:
     finetune_steps, crop, image_size = 3, 96, [160, 120]
 t_start = time.time()
 
-try:
-    build_dataset("camvid", "train")
-    data_overrides = {}
-except FileNotFoundError as err:
-    print("=" * 78)
-    print(f"CamVid NOT FOUND: {err}")
-    print("FALLING BACK to the built-in TinyShapes data: the images below are synthetic shapes.")
-    print("=" * 78)
-    data_overrides = {"dataset": "tiny", "base_size": None, "ratio": "1/4"}
+_, data_overrides = camvid_or_tiny("train")
+if data_overrides:
     crop = 64
 
 # The CPU profile, supervised-only, for a short fine-tune of the new head.

@@ -30,7 +30,7 @@ import torch
 
 from semiseg import reference
 from semiseg.config import load_config
-from semiseg.data import build_dataset
+from semiseg.data.tiny import camvid_or_tiny
 from semiseg.data.augment import WEAK, augment
 from semiseg.data.sampling import Batches, seeded
 from semiseg.memory_bank import ClassMemoryBank, bank_quota, feature_quality_filter
@@ -44,12 +44,7 @@ steps = 3 if smoke else 20          # training iterations for the "bank filling"
 crop = 64 if smoke else 96          # square crops, pixels
 psi = 16                            # bank size per class for the run (the paper uses 256)
 
-try:
-    build_dataset("camvid", "train")
-    data_overrides = {}
-except FileNotFoundError as err:
-    print(f"CamVid not found ({err}).\n-> falling back to the built-in TinyShapes data (semiseg.data.TinyShapes)")
-    data_overrides = {"dataset": "tiny", "ratio": "1/4", "base_size": None, "eval_size": None}
+_, data_overrides = camvid_or_tiny("train")
 
 # The CPU profile, made small. FQF is switched off for the run because a freshly initialised
 # teacher is never 95 % (or even 50 %) confident: with the filter on, the bank would stay empty

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from semiseg.config import load_config
-from semiseg.data import build_dataset
+from semiseg.data.tiny import camvid_or_tiny
 from semiseg.data.augment import STRONG, WEAK, augment
 from semiseg.data.sampling import Batches, seeded
 from semiseg.teacher import ema_update, make_teacher, tau_schedule
@@ -42,12 +42,7 @@ t_start = time.time()
 crop = 64 if smoke else 112   # square crops, pixels
 extra_steps = 1 if smoke else 8
 
-try:
-    build_dataset("camvid", "train")
-    data_overrides = {}
-except FileNotFoundError as err:
-    print(f"CamVid not found ({err}).\n-> falling back to the built-in TinyShapes data (semiseg.data.TinyShapes)")
-    data_overrides = {"dataset": "tiny", "ratio": "1/4", "base_size": None, "eval_size": None}
+_, data_overrides = camvid_or_tiny("train")
 
 # The CPU profile (1500 iterations), with small crops and batches. The warm-up is switched off so
 # that the traced iteration has all four terms of eq. (1), and the FQF is off so that the memory

@@ -37,7 +37,6 @@ smoke = False
 
 # %%
 import json
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 

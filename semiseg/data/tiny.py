@@ -81,3 +81,24 @@ def make_tiny_sample(seed: int, size=(96, 72)) -> tuple[np.ndarray, np.ndarray]:
         label[mask] = cls
     image = image + rng.normal(0, 8, image.shape)
     return np.clip(image, 0, 255).astype(np.uint8), label
+
+
+TINY_OVERRIDES = {"dataset": "tiny", "ratio": "1/4", "base_size": None, "eval_size": None}
+
+
+def camvid_or_tiny(split="train"):
+    """CamVid from ``$SEMISEG_DATA`` if it is there, else the built-in TinyShapes, said loudly.
+
+    Returns ``(dataset, config overrides)``: no overrides for CamVid, ``TINY_OVERRIDES`` otherwise
+    (used by the notebooks so they run on any machine).
+    """
+    from .datasets import build_dataset
+
+    try:
+        return build_dataset("camvid", split), {}
+    except FileNotFoundError as err:
+        print("=" * 78)
+        print(f"CamVid NOT FOUND: {err}")
+        print("FALLING BACK to the built-in TinyShapes data: the images below are synthetic shapes.")
+        print("=" * 78)
+        return TinyShapes(split), dict(TINY_OVERRIDES)
