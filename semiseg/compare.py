@@ -27,6 +27,10 @@ VARIANTS = {
     # §4.3.2 demo (profile camvid_da_quick): with the labeled source domain, and without it
     "da_full": {},
     "da_target_only": {"source_dataset": None, "source_sequences": None},
+    # issue #4: the same comparison under bf16 autocast + channels_last
+    "full_bf16": {"precision": "bf16", "channels_last": True},
+    "supervised_bf16": {"lambda_pseudo": 0.0, "lambda_ent": 0.0, "lambda_contr": 0.0, "precision": "bf16",
+                        "channels_last": True},
 }
 
 
