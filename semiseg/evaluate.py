@@ -1,4 +1,4 @@
-"""Evaluation: confusion matrix (one ``bincount``), per-class IoU and mIoU on a validation set.
+"""Evaluation: confusion matrix (one on-device histogram), per-class IoU and mIoU on a validation set.
 
 ``python -m semiseg.evaluate CKPT [--split val] [--teacher]`` evaluates a checkpoint written by
 ``semiseg.train``. The paper evaluates the student (§4.2); ``--teacher`` evaluates the EMA teacher.
@@ -13,12 +13,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .losses import class_histogram
+
 
 def confusion_matrix(pred, target, num_classes, ignore_index=255):
-    """[C, C] counts, rows = ground truth, columns = prediction, from one ``bincount``."""
+    """[C, C] counts, rows = ground truth, columns = prediction, from one histogram.
+
+    Ignored pixels go to an extra bin that is dropped (no boolean-mask indexing, no host sync)."""
     valid = target != ignore_index
-    index = target[valid].long() * num_classes + pred[valid].long()
-    return torch.bincount(index, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+    index = torch.where(valid, target.long() * num_classes + pred.long(), num_classes * num_classes)
+    return class_histogram(index, num_classes * num_classes + 1)[:-1].reshape(num_classes, num_classes)
 
 
 def iou_from_confusion(conf):

@@ -8,6 +8,18 @@ import torch
 import torch.nn.functional as F
 
 
+def class_histogram(labels, num_bins):
+    """Counts of each value 0..num_bins-1 in ``labels`` (int64), computed on the labels' device.
+
+    Same result as ``torch.bincount(labels, minlength=num_bins)`` for values in range, but
+    ``torch.bincount`` on CUDA reads the input's maximum back to the host to size its output (a
+    synchronisation every call); ``index_add_`` into a fixed-size vector does not.
+    """
+    labels = labels.reshape(-1).long()
+    counts = torch.zeros(num_bins, dtype=torch.long, device=labels.device)
+    return counts.index_add_(0, labels, torch.ones_like(labels))
+
+
 def weighted_cross_entropy(logits, target, class_weights=None, pixel_weights=None, ignore_index=255):
     """Eq. (3): ``H(y1, y2) = -1/N sum_n sum_c y2[n,c] log y1[n,c] alpha[c] beta[n]``.
 
@@ -54,7 +66,7 @@ def entropy_loss(probs):
 
 def _l1_normalised(scores, labels, num_classes):
     """Eq. (8): ``w = N_Pc / sum_{i in Pc} S_c(p_i) * S_c(p)`` for each vector's class c; mean 1 per class."""
-    counts = torch.bincount(labels, minlength=num_classes).to(scores.dtype)
+    counts = class_histogram(labels, num_classes).to(scores.dtype)
     sums = torch.zeros(num_classes, dtype=scores.dtype, device=scores.device).index_add_(0, labels, scores)
     # Eq. (8)
     return scores * (counts / sums.clamp(min=1e-12))[labels]
@@ -97,7 +109,7 @@ def contrastive_loss(pred, labels, memory, pred_scores, memory_scores, num_class
     mem_unit = F.normalize(memory.detach().float(), dim=2)
     pred_sum = torch.zeros(num_classes + 1, pred.shape[1], dtype=pred_unit.dtype, device=pred.device)
     pred_sum.index_add_(0, labels, w_pred.unsqueeze(1) * pred_unit)
-    n_pred = torch.bincount(labels, minlength=num_classes + 1)[:num_classes].to(pred_unit.dtype)
+    n_pred = class_histogram(labels, num_classes + 1)[:num_classes].to(pred_unit.dtype)
     pred_mean = pred_sum[:num_classes] / n_pred.clamp(min=1)[:, None]
     mem_mean = (w_mem.unsqueeze(2) * mem_unit).sum(1) / n_mem.clamp(min=1)[:, None]
     present = (n_pred > 0) & (n_mem > 0)

@@ -7,13 +7,15 @@ their class's queue, the oldest entries beyond psi fall off. The official code k
 *lowest*-ranked vectors (it sorts ascending); we keep the highest, as the paper says.
 
 The update is vectorised: no Python loop over classes or images and no host synchronisation
-(sorting, ``bincount`` and one gather), so the bank stays on the model's device.
+(sorting, an on-device histogram and one gather), so the bank stays on the model's device.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from .losses import class_histogram
 
 
 def feature_quality_filter(teacher_logits, labels, phi, ignore_index=255):
@@ -86,7 +88,7 @@ class ClassMemoryBank:
         order = order[torch.argsort((~keep[order]).long(), stable=True)]
         order = order[torch.argsort(cls[order], stable=True)]
         n_new = torch.zeros(C + 1, dtype=torch.long, device=cls.device).index_add_(0, cls, keep.long())[:C]
-        per_class = torch.bincount(cls, minlength=C + 1)
+        per_class = class_histogram(cls, C + 1)
         class_start = torch.cumsum(per_class, 0) - per_class
         # 3) slot k of class c takes newcomer k if k < n_new[c], else old entry k - n_new[c]
         slot = torch.arange(psi, device=cls.device)[None, :]  # [1, psi]

@@ -74,6 +74,12 @@ def pixels_to_vectors(feats, labels):
     return feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1]), labels.reshape(-1), labels
 
 
+def first_true(mask, n):
+    """Indices of the ``n`` True entries of a 1-D ``mask``, in order; ``n`` is known on the host, so
+    unlike ``mask.nonzero()`` or ``x[mask]`` this never waits for the device."""
+    return torch.argsort((~mask).to(torch.uint8), stable=True)[:n]
+
+
 class Trainer:
     """Holds student f_theta, teacher f_xi, the memory bank and the class-frequency state."""
 
@@ -138,12 +144,12 @@ class Trainer:
             x_s, y_s, _ = (t.to(dev) for t in source)
             x_sa, y_sa, _ = augment(x_s, y_s, None, WEAK, self.generator)
             x_la, y_la = torch.cat([x_la, x_sa]), torch.cat([y_la, y_sa])
-        self.class_counts += torch.bincount(y_la[y_la != 255], minlength=self.C)[: self.C]
+        self.class_counts += losses.class_histogram(y_la.clamp(max=self.C), self.C + 1)[: self.C]  # 255 -> bin C
         inputs, targets, conf_u = x_la, y_la, None
         if semi:
             x_u = unlabeled[0].to(dev)
             pseudo, conf = self.pseudo_labels(x_u)
-            self.class_counts += torch.bincount(pseudo.reshape(-1), minlength=self.C)[: self.C]
+            self.class_counts += losses.class_histogram(pseudo, self.C)
             # Eq. (6)-(7): A strong views; their geometry is applied to pseudo-labels and confidences too
             views = [augment(x_u, pseudo, conf, STRONG, self.generator) for _ in range(cfg.num_views)]
             inputs = torch.cat([x_la] + [v[0] for v in views])
@@ -167,12 +173,15 @@ class Trainer:
             if lam["ent"]:
                 # Eq. (7)
                 terms["ent"] = losses.entropy_loss(F.softmax(logits_up[B_l:], dim=1))
+        counts = self.host_counts(feats, targets, y_la[:n_target]) if cfg.lambda_contr else None
         if lam["contr"]:
-            terms["contr"] = self.contrastive(feats, targets)
+            terms["contr"] = self.contrastive(feats, targets, counts)
         # Eq. (1)
         loss = sum(lam[k] * v for k, v in terms.items())
-        if not torch.isfinite(loss):
-            bad = [k for k, v in terms.items() if not torch.isfinite(v)]
+        # the step's second (and last) host sync: all loss values at once, for the log and the NaN guard
+        values = dict(zip(["loss", *terms], torch.stack([loss.detach(), *(v.detach() for v in terms.values())]).tolist()))
+        if not math.isfinite(values["loss"]):
+            bad = [k for k in terms if not math.isfinite(values[k])]
             raise FloatingPointError(f"non-finite loss at iteration {self.iteration}: term(s) {bad or ['total']}")
         self.set_lr()
         self.optimizer.zero_grad(set_to_none=True)
@@ -181,32 +190,51 @@ class Trainer:
         # Eq. (2)
         ema_update(self.teacher, self.student, tau_schedule(self.iteration, cfg.iterations, cfg.tau_start, cfg.tau_end))
         if cfg.lambda_contr:
-            self.update_bank(x_la[:n_target], y_la[:n_target], ids_l, feats[:n_target])
+            self.update_bank(x_la[:n_target], y_la[:n_target], ids_l, feats[:n_target], counts)
         self.iteration += 1
-        out = {k: float(v.detach()) for k, v in terms.items()}
-        out["loss"] = float(loss.detach())
-        return out
+        return {**{k: values[k] for k in terms}, "loss": values["loss"]}
 
-    def contrastive(self, feats, labels):
-        """Eq. (8)-(11) on student vectors of labeled (labels) and unlabeled (pseudo-labels) pixels."""
+    def host_counts(self, feats, targets, y_bank):
+        """The step's one host synchronisation for the class-wise attention (issue #4).
+
+        ``torch.split`` into class segments needs segment sizes on the host. All three attention
+        calls of a step are known once the student has run, so their per-class counts come back in
+        a single ``.tolist()``: ``pred`` (non-ignored student vectors, eq. 8), ``memory`` (valid bank
+        slots) and ``bank`` (the labeled vectors the bank update ranks, ignore counted as class 0).
+        """
+        C = self.C
+        _, vec_labels, _ = pixels_to_vectors(feats, targets)
+        _, bank_labels, _ = pixels_to_vectors(feats, y_bank)
+        host = torch.cat([losses.class_histogram(vec_labels.clamp(max=C), C + 1)[:C], self.bank.count,
+                          losses.class_histogram(torch.where(bank_labels == 255, 0, bank_labels), C)]).tolist()
+        return {"pred": host[:C], "memory": host[C:2 * C], "bank": host[2 * C:]}
+
+    def contrastive(self, feats, labels, counts):
+        """Eq. (8)-(11) on student vectors of labeled (labels) and unlabeled (pseudo-labels) pixels.
+
+        No host sync: the non-ignored vectors and the valid bank slots are gathered with index
+        tensors whose lengths are known from ``counts`` (:meth:`host_counts`), not boolean masks.
+        """
         model = self.student
         vectors, vec_labels, _ = pixels_to_vectors(feats, labels)
-        keep = vec_labels != 255
-        vectors, vec_labels = vectors[keep], vec_labels[keep]
+        index = first_true(vec_labels != 255, sum(counts["pred"]))
+        vectors, vec_labels = vectors[index], vec_labels[index]
         pred = model.prediction(model.projection(vectors))  # P = q(g(V))
         slot_valid = torch.arange(self.cfg.psi, device=self.device)[None] < self.bank.count[:, None]  # [C, psi]
-        mem_labels = torch.arange(self.C, device=self.device)[:, None].expand_as(slot_valid)
         if self.cfg.attention:
-            pred_scores = model.attention_pred(pred, vec_labels)  # S_c,theta(p)
-            memory_scores = torch.zeros(slot_valid.shape, device=self.device)
-            memory_scores[slot_valid] = model.attention_proj(self.bank.memory[slot_valid], mem_labels[slot_valid])
+            pred_scores = model.attention_pred(pred, vec_labels, counts["pred"])  # S_c,theta(p)
+            slots = first_true(slot_valid.reshape(-1), sum(counts["memory"]))  # class-major: sorted by class
+            memory = self.bank.memory.reshape(-1, self.bank.dim)[slots]
+            scores = model.attention_proj(memory, torch.div(slots, self.cfg.psi, rounding_mode="floor"), counts["memory"])
+            memory_scores = torch.zeros(slot_valid.numel(), device=self.device).index_put((slots,), scores)
+            memory_scores = memory_scores.view_as(slot_valid)  # S_c,theta(z'), 0 on empty slots
         else:
             pred_scores, memory_scores = torch.ones_like(vec_labels, dtype=pred.dtype), slot_valid.float()
         return losses.contrastive_loss(pred, vec_labels, self.bank.memory, pred_scores, memory_scores, self.C,
                                        memory_count=self.bank.count)
 
     @torch.no_grad()
-    def update_bank(self, x_la, y_la, ids, student_feats):
+    def update_bank(self, x_la, y_la, ids, student_feats, counts):
         """§3.4 Memory Bank: FQF, rank by S_c,xi, per-image quota, FIFO — labeled target images only."""
         net = self.teacher if self.cfg.bank_from == "teacher" else self.student
         if self.cfg.bank_from == "teacher":
@@ -224,7 +252,7 @@ class Trainer:
         proj = net.projection(vectors)
         safe_labels = torch.where(vec_labels == 255, torch.zeros_like(vec_labels), vec_labels)
         if self.cfg.attention:
-            scores = net.attention_proj(proj, safe_labels)  # ranking R_c = S_c,xi(Z'_c)
+            scores = net.attention_proj(proj, safe_labels, counts["bank"])  # ranking R_c = S_c,xi(Z'_c)
         else:
             scores = torch.rand(vec_labels.shape, generator=self.generator).to(self.device)
         net.train(was_training)

@@ -71,9 +71,12 @@ class ClassAttention(nn.Module):
 
     ``forward(vectors [N, dim], labels [N] long in 0..C-1) -> scores [N]`` in [0, 1].
 
-    Implementation: stable argsort by label, per-class counts via ``bincount`` (one
-    host sync), ``torch.split`` into class segments, apply each present class's module
-    on its segment, concatenate and un-permute. BatchNorm statistics are therefore
+    Implementation: stable argsort by label, ``torch.split`` into class segments by the
+    per-class ``counts`` (a host list), apply each present class's module on its segment,
+    concatenate and un-permute. Every vector is computed once, by its own module: no C x
+    arithmetic and no padding. ``torch.split`` needs the segment sizes on the host, so a
+    caller that knows them passes ``counts`` (the trainer reads the counts of all three calls
+    of a step in one synchronisation); without it they are counted here (one sync per call). BatchNorm statistics are therefore
     computed per class segment (as if each S_c were called on its own batch).
     A segment containing a single vector in training mode uses the BN running
     statistics (``F.batch_norm(training=False)``) since batch statistics of one sample
@@ -92,7 +95,7 @@ class ClassAttention(nn.Module):
     def __len__(self) -> int:
         return self.num_classes
 
-    def forward(self, vectors: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, vectors: torch.Tensor, labels: torch.Tensor, counts: list[int] | None = None) -> torch.Tensor:
         if vectors.dim() != 2 or labels.dim() != 1 or vectors.shape[0] != labels.shape[0]:
             raise ValueError(f"expected vectors [N, dim] and labels [N], got "
                              f"{tuple(vectors.shape)} and {tuple(labels.shape)}")
@@ -101,10 +104,13 @@ class ClassAttention(nn.Module):
             return vectors.new_zeros(0)
         labels = labels.long()
         order = torch.argsort(labels, stable=True)
-        counts = torch.bincount(labels, minlength=self.num_classes).tolist()
-        if len(counts) > self.num_classes:
-            raise ValueError(f"labels must be in [0, {self.num_classes}), got max "
-                             f"{len(counts) - 1}")
+        if counts is None:
+            counts = torch.bincount(labels, minlength=self.num_classes).tolist()
+            if len(counts) > self.num_classes:
+                raise ValueError(f"labels must be in [0, {self.num_classes}), got max "
+                                 f"{len(counts) - 1}")
+        elif len(counts) != self.num_classes or sum(counts) != n:
+            raise ValueError(f"counts must hold {self.num_classes} class sizes summing to {n}, got {counts}")
         segments = torch.split(vectors[order], counts)
         outs = [self.modules_per_class[c](seg) for c, seg in enumerate(segments)
                 if counts[c] > 0]
