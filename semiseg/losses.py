@@ -72,6 +72,34 @@ def _l1_normalised(scores, labels, num_classes):
     return scores * (counts / sums.clamp(min=1e-12))[labels]
 
 
+class _WeightedUnitSum(torch.autograd.Function):
+    """``out[c] = sum_{n: labels[n] = c} weights[n] * pred[n] / |pred[n]|`` without an N x D temporary.
+
+    The sum is one matmul with a [bins, N] matrix holding ``weights / |pred|`` (bins = C + 1 << D),
+    and the backward writes the gradient of ``pred`` into a single N x D buffer, in place. Autograd
+    through ``F.normalize`` and ``index_add_`` would keep two more N x D tensors alive: at the
+    paper's shape (N ~ 38K, D = psi = 256) each is as large as the N x psi matrix we avoid.
+    """
+
+    @staticmethod
+    def forward(ctx, pred, weights, labels, bins):
+        inv_norm = pred.norm(dim=1).clamp(min=1e-12).reciprocal()
+        rows = torch.zeros(bins, pred.shape[0], dtype=pred.dtype, device=pred.device)
+        rows[labels, torch.arange(pred.shape[0], device=pred.device)] = weights * inv_norm
+        ctx.save_for_backward(pred, weights, labels, inv_norm, rows)
+        return rows @ pred
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        pred, weights, labels, inv_norm, rows = ctx.saved_tensors
+        n = torch.arange(pred.shape[0], device=pred.device)
+        dot = (pred @ grad_out.T)[n, labels]  # p_n . g_c(n), via an N x bins matrix
+        grad_pred = rows.T @ grad_out  # (w_n / |p_n|) g_c(n)
+        # d(p/|p|)/dp = (I - u u^T) / |p|: subtract w_n (p_n . g) / |p_n|^3 * p_n, in place
+        grad_pred.addcmul_(pred, (weights * dot * inv_norm ** 3)[:, None], value=-1)
+        return grad_pred, dot * inv_norm, None, None
+
+
 def contrastive_loss(pred, labels, memory, pred_scores, memory_scores, num_classes, memory_count=None, ignore_index=255):
     """Eq. (8)–(11): positive-only, class-wise contrastive loss against the memory bank.
 
@@ -88,7 +116,14 @@ def contrastive_loss(pred, labels, memory, pred_scores, memory_scores, num_class
     exact without ever building the N x psi similarity matrix. Classes with no vectors on either
     side add nothing; the sum is divided by C = ``num_classes`` exactly as eq. (11) is written.
     The memory side is never differentiated (it holds teacher vectors); its weights are.
+    Computed in fp32 whatever the autocast state (bf16 runs included).
     """
+    with torch.autocast(pred.device.type, enabled=False):
+        return _contrastive_loss(pred, labels, memory, pred_scores, memory_scores, num_classes, memory_count,
+                                 ignore_index)
+
+
+def _contrastive_loss(pred, labels, memory, pred_scores, memory_scores, num_classes, memory_count, ignore_index):
     C, psi, _ = memory.shape
     if memory_count is None:
         memory_count = torch.full((C,), psi, dtype=torch.long, device=memory.device)
@@ -105,11 +140,9 @@ def contrastive_loss(pred, labels, memory, pred_scores, memory_scores, num_class
     w_mem = mem_scores * (n_mem / mem_scores.sum(1).clamp(min=1e-12))[:, None]
 
     # Eq. (9) cosine = dot product of unit vectors; weighted class means of eq. (10)-(11)
-    pred_unit = F.normalize(pred.float(), dim=1)
     mem_unit = F.normalize(memory.detach().float(), dim=2)
-    pred_sum = torch.zeros(num_classes + 1, pred.shape[1], dtype=pred_unit.dtype, device=pred.device)
-    pred_sum.index_add_(0, labels, w_pred.unsqueeze(1) * pred_unit)
-    n_pred = class_histogram(labels, num_classes + 1)[:num_classes].to(pred_unit.dtype)
+    pred_sum = _WeightedUnitSum.apply(pred.float(), w_pred.float(), labels, num_classes + 1)
+    n_pred = class_histogram(labels, num_classes + 1)[:num_classes].to(pred_sum.dtype)
     pred_mean = pred_sum[:num_classes] / n_pred.clamp(min=1)[:, None]
     mem_mean = (w_mem.unsqueeze(2) * mem_unit).sum(1) / n_mem.clamp(min=1)[:, None]
     present = (n_pred > 0) & (n_mem > 0)

@@ -163,3 +163,14 @@ def test_vectorised_matches_per_class_reference_on_paper_shapes():
     assert fast.item() == pytest.approx(slow.item(), abs=1e-5)
     for a, b in zip(grads_fast, grads_slow):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_weighted_unit_sum_gradient_is_exact():
+    """The hand-written backward of the memory-light class sum, against finite differences."""
+    g = torch.Generator().manual_seed(3)
+    pred = torch.randn(12, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    weights = torch.rand(12, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 4, (12,), generator=g)
+    assert torch.autograd.gradcheck(lambda p, w: losses._WeightedUnitSum.apply(p, w, labels, 4), (pred, weights))
+    expected = torch.zeros(4, 5, dtype=torch.float64).index_add_(0, labels, weights[:, None] * torch.nn.functional.normalize(pred, dim=1))
+    assert torch.allclose(losses._WeightedUnitSum.apply(pred, weights, labels, 4), expected)
