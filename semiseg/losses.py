@@ -140,11 +140,13 @@ def _contrastive_loss(pred, labels, memory, pred_scores, memory_scores, num_clas
     w_mem = mem_scores * (n_mem / mem_scores.sum(1).clamp(min=1e-12))[:, None]
 
     # Eq. (9) cosine = dot product of unit vectors; weighted class means of eq. (10)-(11)
-    mem_unit = F.normalize(memory.detach().float(), dim=2)
     pred_sum = _WeightedUnitSum.apply(pred.float(), w_pred.float(), labels, num_classes + 1)
     n_pred = class_histogram(labels, num_classes + 1)[:num_classes].to(pred_sum.dtype)
     pred_mean = pred_sum[:num_classes] / n_pred.clamp(min=1)[:, None]
-    mem_mean = (w_mem.unsqueeze(2) * mem_unit).sum(1) / n_mem.clamp(min=1)[:, None]
+    # memory side as a batched matmul [C, 1, psi] @ [C, psi, D]: no C x psi x D temporary
+    memory = memory.detach().float()
+    mem_coef = w_mem / memory.norm(dim=2).clamp(min=1e-12)
+    mem_mean = torch.bmm(mem_coef.unsqueeze(1), memory).squeeze(1) / n_mem.clamp(min=1)[:, None]
     present = (n_pred > 0) & (n_mem > 0)
     # Eq. (10)-(11): mean weighted distance per class, summed over classes, divided by C
     per_class = (1.0 - (pred_mean * mem_mean).sum(1)) * present

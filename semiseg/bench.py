@@ -1,0 +1,433 @@
+"""``python -m semiseg.bench``: what the contrastive module costs (issue #4). A benchmark, not a test.
+
+Parts, each measured side by side in one process, FLOPs from ``torch.utils.flop_counter``:
+
+* ``share`` -- the contrastive module's share of a training step's time against its share of the
+  step's FLOPs, on the CamVid CPU profile and on the paper's shape (DeepLabv2-R101, 512 x 512,
+  one labeled + one unlabeled image, C = 19, psi = 256, synthetic images). *The module* is what
+  the paper's FLOP count (§4.4: 35.07 of 1151.19 GFLOPs) holds: heads g and q, the class-wise
+  attention, eq. (8)-(11) forward and backward, and the bank update (FQF, ranking, FIFO). The
+  teacher's forward pass over the labeled images that produces the bank's features is not in the
+  paper's count (its 1151.19 = 3 x 372.04 + 35.07); we time it and report it on its own line.
+* ``loss`` -- vectorised eq. (8)-(11) against the per-class loop of ``semiseg.reference``,
+  forward + backward, on paper-shaped tensors, with each one's peak memory.
+* ``precision`` -- bf16 autocast + channels_last against fp32 on the CamVid CPU profile.
+* ``eval`` -- evaluation throughput (images/s) on CamVid val.
+
+The JSON written to ``--out`` (default ``book/results/bench/<device>.json``) is what the book's
+performance page shows; each ratio is printed beside its target from the issue.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import weakref
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import FlopCounterMode
+
+from . import losses, reference
+from .config import atomic_write_text, load_config
+from .data.sampling import Batches
+from .train import Trainer
+
+TARGETS = {  # issue #4
+    "time_share / flop_share": ("<=", 1.25),
+    "full step / module-off step": ("<=", 1.05),
+    "loop / vectorised (cpu)": (">=", 2.0),
+    "loop / vectorised (cuda)": (">=", 10.0),
+    "fp32 / bf16+channels_last step": (">=", 1.5),
+}
+
+
+# ----------------------------------------------------------------------------- measuring
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, reps, warmup=1):
+    """Median wall time of ``fn()`` over ``reps`` runs after ``warmup`` runs (device synchronised)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def flops(fn):
+    """FLOPs of ``fn()`` as ``torch.utils.flop_counter`` counts them (matmuls and convolutions)."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+class PeakMemory(TorchDispatchMode):
+    """Peak bytes of the tensors allocated inside the block, on any device (storages tracked
+    through the dispatcher and freed through weak references); memory held before it is not counted."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.current, self.peak = {}, 0, 0
+
+    def _free(self, key):
+        self.current -= self.live.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                if storage._cdata not in self.live:
+                    self.live[storage._cdata] = storage.nbytes()
+                    self.current += storage.nbytes()
+                    self.peak = max(self.peak, self.current)
+                    weakref.finalize(storage, self._free, storage._cdata)
+        return out
+
+
+def machine(device):
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info = {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version()}
+    if torch.device(device).type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def git_commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+# ----------------------------------------------------------------------------- settings
+def camvid_setting(device, precision="fp32", channels_last=False, overrides=None):
+    """The CamVid CPU profile (``camvid_quick``) with its real batches, or TinyShapes at its shapes."""
+    from .data.tiny import camvid_or_tiny
+
+    train_set, tiny = camvid_or_tiny("train")
+    cfg = load_config("camvid_quick", {**tiny, "device": str(device), "precision": precision,
+                                       "channels_last": channels_last, "warmup_frac": 0.0, "threads": 0,
+                                       **(overrides or {})})
+    n_lab = max(1, len(train_set) // 8)
+    trainer = Trainer(cfg, train_set.num_classes, n_lab, device)
+    labeled = Batches(train_set.subset(train_set.names[:n_lab]), cfg.batch_labeled, cfg.base_size, cfg.crop_size, 1)
+    unlabeled = Batches(train_set.subset(train_set.names[n_lab:]), cfg.batch_unlabeled, cfg.base_size, cfg.crop_size, 2)
+    name = "camvid_quick" if not tiny else "camvid_quick shapes on TinyShapes (CamVid not found)"
+    return name, trainer, lambda it: (labeled(it), unlabeled(it))
+
+
+def blocky_labels(batch, size, num_classes, block, generator):
+    """Synthetic labels: one class per ``block`` x ``block`` square (segments like a real scene's)."""
+    cells = torch.randint(0, num_classes, (batch, size // block, size // block), generator=generator)
+    return cells.repeat_interleave(block, 1).repeat_interleave(block, 2)
+
+
+def paper_setting(device, precision="fp32", channels_last=False, size=512, arch="deeplabv2_r101", num_classes=19):
+    """§4.4's shape: DeepLabv2-R101 at 512 x 512, one labeled + one unlabeled image, psi = 256."""
+    cfg = load_config("paper_cityscapes_dlv2", {"device": str(device), "precision": precision, "arch": arch,
+                                                "channels_last": channels_last, "pretrained": False,
+                                                "batch_labeled": 1, "batch_unlabeled": 1, "warmup_frac": 0.0,
+                                                "crop_size": [size, size], "iterations": 1000})
+    trainer = Trainer(cfg, num_classes, 100, device)
+    g = torch.Generator().manual_seed(0)
+
+    def batch(it):
+        x_l, x_u = torch.rand(1, 3, size, size, generator=g), torch.rand(1, 3, size, size, generator=g)
+        y_l = blocky_labels(1, size, num_classes, max(size // 8, 1), g)
+        return (x_l, y_l, torch.tensor([it % 100])), (x_u,)
+
+    return f"paper shape: {arch}, {size}x{size}, 1 labeled + 1 unlabeled", trainer, batch
+
+
+def fill_bank(trainer, generator):
+    """A full bank (psi vectors per class) so that the attention over the memory runs at its full size."""
+    bank = trainer.bank
+    bank.memory = F.normalize(torch.randn(bank.memory.shape, generator=generator), dim=2).to(bank.memory.device)
+    bank.count.fill_(bank.size)
+
+
+# ----------------------------------------------------------------------------- parts
+def module_work(trainer, inputs):
+    """The contrastive module alone on a step's tensors: eq. (8)-(11) forward + backward and the bank
+    update without its teacher forward (bank features from the given ``feats``)."""
+    feats, targets, x_la, y_la, ids = inputs
+    feats = feats.detach().requires_grad_()
+    counts = trainer.host_counts(feats, targets, y_la)
+    trainer.contrastive(feats, targets, counts).backward()
+    bank_from = trainer.cfg.bank_from
+    trainer.cfg.bank_from = "student"  # same FQF / ranking / FIFO work, no extra forward pass
+    try:
+        trainer.update_bank(x_la, y_la, ids, feats[: x_la.shape[0]].detach(), counts)
+    finally:
+        trainer.cfg.bank_from = bank_from
+
+
+def step_tensors(trainer, batch):
+    """The tensors the module sees in a step: student features of the labeled weak views and of A
+    strong unlabeled views, their (pseudo-)labels, and the labeled images for the bank."""
+    (x_l, y_l, ids), (x_u, *_) = batch
+    dev = trainer.device
+    x_l, y_l, x_u = x_l.to(dev), y_l.to(dev), x_u.to(dev)
+    pseudo, _ = trainer.pseudo_labels(x_u)
+    inputs = torch.cat([x_l] + [x_u] * trainer.cfg.num_views)
+    targets = torch.cat([y_l] + [pseudo] * trainer.cfg.num_views)
+    with torch.no_grad():
+        _, feats = trainer.forward(trainer.student, inputs)
+    return feats, targets, x_l, y_l, ids.to(dev)
+
+
+def share_part(name, trainer, batch, reps):
+    """Time and FLOP shares of the module in one training step, and the step with the module off."""
+    dev, cfg = trainer.device, trainer.cfg
+    fill_bank(trainer, torch.Generator().manual_seed(1))
+    b = batch(0)
+    lambda_contr = cfg.lambda_contr
+
+    def step(on):
+        cfg.lambda_contr = lambda_contr if on else 0.0
+        bank = (trainer.bank.memory.clone(), trainer.bank.count.clone())
+        trainer.step(*b)
+        trainer.bank.memory, trainer.bank.count = bank  # every timed step sees the same full bank
+        cfg.lambda_contr = lambda_contr
+
+    tensors = step_tensors(trainer, b)
+    x_la = tensors[2]
+
+    def teacher_forward():
+        with torch.no_grad():
+            trainer.forward(trainer.teacher, x_la)
+
+    out = {"setting": name, "device": str(dev), "precision": cfg.precision, "channels_last": cfg.channels_last,
+           "reps": reps}
+    out["flops"] = {"step": flops(lambda: step(True)), "step_module_off": flops(lambda: step(False)),
+                    "module": flops(lambda: module_work(trainer, tensors)), "bank_teacher_forward": flops(teacher_forward)}
+    # the FLOP-counting runs above were the warm-up of the steps
+    out["seconds"] = {"step": timed(lambda: step(True), dev, reps, warmup=0),
+                      "step_module_off": timed(lambda: step(False), dev, reps, warmup=0),
+                      "module": timed(lambda: module_work(trainer, tensors), dev, max(reps, 3)),
+                      "bank_teacher_forward": timed(teacher_forward, dev, reps)}
+    f, s = out["flops"], out["seconds"]
+    out["flop_share"] = f["module"] / f["step"]
+    out["time_share"] = s["module"] / s["step"]
+    out["ratios"] = {
+        "time_share / flop_share": out["time_share"] / out["flop_share"],
+        "full step / module-off step": (s["step"] - s["bank_teacher_forward"]) / s["step_module_off"],
+        "full step / module-off step, bank teacher forward included": s["step"] / s["step_module_off"],
+    }
+    out["paper_flop_share"] = 35.07 / 1151.19
+    return out
+
+
+def paper_loss_inputs(device, n, num_classes=19, psi=256, dim=256, ignore=0.05, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, num_classes, (n,), generator=g)
+    labels[torch.rand(n, generator=g) < ignore] = 255
+    pred = torch.randn(n, dim, generator=g)
+    pred_scores = torch.rand(n, generator=g)
+    memory = torch.randn(num_classes, psi, dim, generator=g)
+    memory_scores = torch.rand(num_classes, psi, generator=g)
+    tensors = [t.to(device) for t in (pred, labels, memory, pred_scores, memory_scores)]
+    return tensors, torch.full((num_classes,), psi, device=device)
+
+
+def loss_part(device, reps, n=38000, num_classes=19, psi=256, dim=256, precision="fp32"):
+    """Vectorised vs per-class loop, forward + backward, with peak memory of each."""
+    (pred, labels, memory, pred_scores, memory_scores), count = paper_loss_inputs(device, n, num_classes, psi, dim)
+    keep = labels != 255  # the loop reference takes only valid labels
+    out = {"device": str(device), "precision": precision, "N": n, "C": num_classes, "psi": psi, "D": dim,
+           "n_x_psi_matrix_bytes": n * psi * 4}
+
+    def run(fn, p, s, lab, ms):
+        p = p.detach().requires_grad_()
+        s = s.detach().requires_grad_()
+        ms = ms.detach().requires_grad_()
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = fn(p, lab, memory, s, ms, num_classes, memory_count=count)
+        loss.backward()
+        return loss.detach(), p.grad
+
+    vec = lambda: run(losses.contrastive_loss, pred, pred_scores, labels, memory_scores)  # noqa: E731
+    loop = lambda: run(reference.contrastive_loss_loop, pred[keep], pred_scores[keep], labels[keep], memory_scores)  # noqa: E731
+    for name, fn in (("vectorised", vec), ("loop", loop)):
+        seconds = timed(fn, device, reps)
+        with PeakMemory() as peak:
+            _, grad = fn()
+        entry = {"seconds": seconds, "peak_bytes": peak.peak, "grad_bytes": grad.numel() * grad.element_size()}
+        if torch.device(device).type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            fn()
+            entry["cuda_peak_bytes"] = torch.cuda.max_memory_allocated() - base
+        entry["peak_without_input_grad_bytes"] = entry["peak_bytes"] - entry["grad_bytes"]
+        out[name] = entry
+    (a, _), (b, _) = vec(), loop()
+    out["abs_difference"] = float((a.float() - b.float()).abs())
+    kind = torch.device(device).type
+    out["ratios"] = {f"loop / vectorised ({kind})": out["loop"]["seconds"] / out["vectorised"]["seconds"],
+                     "vectorised peak (without input grad) / N x psi matrix":
+                         out["vectorised"]["peak_without_input_grad_bytes"] / out["n_x_psi_matrix_bytes"]}
+    return out
+
+
+def precision_part(device, reps, overrides=None):
+    """bf16 autocast + channels_last vs fp32: whole step and student forward+backward alone."""
+    out = {"device": str(device)}
+    for key, precision, cl in (("fp32", "fp32", False), ("bf16_channels_last", "bf16", True)):
+        name, trainer, batch = camvid_setting(device, precision, cl, overrides)
+        fill_bank(trainer, torch.Generator().manual_seed(1))
+        steps = iter(range(10 ** 6))
+        step_seconds = timed(lambda: trainer.step(*batch(next(steps))), device, reps)
+        (x_l, *_), (x_u, *_) = batch(0)
+        x = torch.cat([x_l] + [x_u] * trainer.cfg.num_views).to(trainer.device)
+
+        def model_only():
+            logits, feats = trainer.forward(trainer.student, x)
+            (logits.mean() + feats.mean()).backward()
+
+        out[key] = {"step_seconds": step_seconds, "model_fwd_bwd_seconds": timed(model_only, device, reps),
+                    "batch": list(x.shape)}
+        out["setting"] = name
+    out["ratios"] = {"fp32 / bf16+channels_last step": out["fp32"]["step_seconds"] / out["bf16_channels_last"]["step_seconds"],
+                     "fp32 / bf16+channels_last model fwd+bwd":
+                         out["fp32"]["model_fwd_bwd_seconds"] / out["bf16_channels_last"]["model_fwd_bwd_seconds"]}
+    return out
+
+
+def eval_part(device, limit=None):
+    """Images per second of ``semiseg.evaluate.evaluate`` on CamVid val (loading + network + confusion)."""
+    from .data.tiny import camvid_or_tiny
+    from .evaluate import evaluate
+    from .models import build_model
+
+    val, tiny = camvid_or_tiny("val")
+    if limit:
+        val = val.subset(val.names[:limit])
+    cfg = load_config("camvid_quick", tiny)
+    model = build_model(cfg.arch, val.num_classes, pretrained=False).to(device)
+    evaluate(model, val.subset(val.names[:2]), cfg.eval_size, device)  # warm-up
+    sync(device)
+    start = time.perf_counter()
+    evaluate(model, val, cfg.eval_size, device)
+    sync(device)
+    seconds = time.perf_counter() - start
+    return {"device": str(device), "images": len(val), "eval_size": cfg.eval_size, "arch": cfg.arch,
+            "seconds": seconds, "images_per_second": len(val) / seconds,
+            "data": "camvid val" if not tiny else "TinyShapes val (CamVid not found)"}
+
+
+# ----------------------------------------------------------------------------- report
+def verdict(key, value):
+    if key not in TARGETS:
+        return ""
+    op, target = TARGETS[key]
+    ok = value <= target if op == "<=" else value >= target
+    return f"target {op} {target:g}: {'met' if ok else 'MISSED'}"
+
+
+def report(result):
+    lines = [f"semiseg.bench  {result['date']}  commit {result['commit']}  {result['machine']}"]
+    for part in result["parts"]:
+        lines.append(f"\n[{part['part']}] {part.get('setting', '')} ({part['device']}"
+                     f"{', ' + part['precision'] if 'precision' in part else ''})")
+        if part["part"] == "share":
+            f, s = part["flops"], part["seconds"]
+            lines.append(f"  step {f['step'] / 1e9:.2f} GFLOP in {s['step']:.3f} s; module off {f['step_module_off'] / 1e9:.2f} GFLOP "
+                         f"in {s['step_module_off']:.3f} s")
+            lines.append(f"  module {f['module'] / 1e9:.3f} GFLOP in {s['module']:.4f} s; bank teacher forward "
+                         f"{f['bank_teacher_forward'] / 1e9:.2f} GFLOP in {s['bank_teacher_forward']:.3f} s")
+            lines.append(f"  module FLOP share {part['flop_share']:.2%} (paper: {part['paper_flop_share']:.2%}), "
+                         f"time share {part['time_share']:.2%}")
+        if part["part"] == "loss":
+            for k in ("vectorised", "loop"):
+                e = part[k]
+                lines.append(f"  {k:<10} {e['seconds'] * 1e3:9.1f} ms  peak {e['peak_bytes'] / 2**20:8.1f} MiB "
+                             f"({e['peak_without_input_grad_bytes'] / 2**20:.1f} MiB without the input gradient)")
+            lines.append(f"  one N x psi matrix: {part['n_x_psi_matrix_bytes'] / 2**20:.1f} MiB; "
+                         f"|vectorised - loop| = {part['abs_difference']:.2e}")
+        if part["part"] == "precision":
+            for k in ("fp32", "bf16_channels_last"):
+                e = part[k]
+                lines.append(f"  {k:<20} step {e['step_seconds']:.3f} s, model fwd+bwd {e['model_fwd_bwd_seconds']:.3f} s")
+        if part["part"] == "eval":
+            lines.append(f"  {part['images']} images at {part['eval_size']} in {part['seconds']:.1f} s: "
+                         f"{part['images_per_second']:.2f} images/s ({part['data']})")
+        for key, value in part.get("ratios", {}).items():
+            lines.append(f"  {key} = {value:.3f}  {verdict(key, value)}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m semiseg.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", nargs="+", default=["share", "loss", "precision", "eval"],
+                        choices=["share", "loss", "precision", "eval"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precisions", nargs="+", default=["fp32"], choices=["fp32", "bf16"],
+                        help="for the share and loss parts")
+    parser.add_argument("--settings", nargs="+", default=["camvid", "paper"], choices=["camvid", "paper"],
+                        help="for the share part")
+    parser.add_argument("--reps", type=int, default=5, help="timed repetitions (median); paper shape on CPU uses 1")
+    parser.add_argument("--loss-n", type=int, default=38000, help="vectors in the loss part")
+    parser.add_argument("--paper-size", type=int, default=512, help="crop size of the paper-shape setting")
+    parser.add_argument("--paper-arch", default="deeplabv2_r101")
+    parser.add_argument("--eval-limit", type=int, default=None, help="evaluate only the first N val images")
+    parser.add_argument("--out", default=None, help="JSON output (default book/results/bench/<device>.json)")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    result = {"date": datetime.date.today().isoformat(), "commit": git_commit(), "command": " ".join(sys.argv),
+              "machine": machine(device), "targets": {k: f"{op} {v:g}" for k, (op, v) in TARGETS.items()}, "parts": []}
+    cpu = device.type == "cpu"
+    for part in args.parts:
+        if part == "share":
+            for precision in args.precisions:
+                for setting in args.settings:
+                    if setting == "camvid":
+                        name, trainer, batch = camvid_setting(device, precision, precision == "bf16")
+                        reps = args.reps
+                    else:
+                        name, trainer, batch = paper_setting(device, precision, precision == "bf16", args.paper_size,
+                                                             args.paper_arch)
+                        reps = 1 if cpu else args.reps
+                    result["parts"].append({"part": "share", **share_part(name, trainer, batch, reps)})
+                    del trainer
+        elif part == "loss":
+            for precision in args.precisions:
+                result["parts"].append({"part": "loss", **loss_part(device, max(1, args.reps // 2) if cpu else args.reps,
+                                                                     n=args.loss_n, precision=precision)})
+        elif part == "precision":
+            result["parts"].append({"part": "precision", **precision_part(device, args.reps)})
+        elif part == "eval":
+            result["parts"].append({"part": "eval", **eval_part(device, args.eval_limit)})
+        print(report({**result, "parts": result["parts"][-1:]}).split("\n", 1)[1], flush=True)
+    out = Path(args.out or f"book/results/bench/{device.type}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, json.dumps(result, indent=2) + "\n")
+    print(f"\n{report(result)}\n\nwritten to {out}")
+
+
+if __name__ == "__main__":
+    main()
