@@ -13,6 +13,8 @@ Parts, each measured side by side in one process, FLOPs from ``torch.utils.flop_
   forward + backward, on paper-shaped tensors, with each one's peak memory.
 * ``precision`` -- bf16 autocast + channels_last against fp32 on the CamVid CPU profile.
 * ``eval`` -- evaluation throughput (images/s) on CamVid val.
+* ``syncs`` -- host synchronisations in one paper-shape training step, by ``semiseg.syncs`` (any
+  device) and, on CUDA, by ``torch.cuda.set_sync_debug_mode``.
 
 The JSON written to ``--out`` (default ``book/results/bench/<device>.json``) is what the book's
 performance page shows; each ratio is printed beside its target from the issue.
@@ -21,8 +23,10 @@ performance page shows; each ratio is printed beside its target from the issue.
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -80,21 +84,28 @@ def flops(fn):
 
 class PeakMemory(TorchDispatchMode):
     """Peak bytes of the tensors allocated inside the block, on any device (storages tracked
-    through the dispatcher and freed through weak references); memory held before it is not counted."""
+    through the dispatcher and freed through weak references); memory held before it (inputs, and
+    views of them) is not counted."""
 
     def __init__(self):
         super().__init__()
-        self.live, self.current, self.peak = {}, 0, 0
+        self.live, self.outside, self.current, self.peak = {}, set(), 0, 0
 
     def _free(self, key):
         self.current -= self.live.pop(key, 0)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        for t in tree_flatten((args, kwargs))[0]:
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                if storage._cdata not in self.live and storage._cdata not in self.outside:
+                    self.outside.add(storage._cdata)
+                    weakref.finalize(storage, self.outside.discard, storage._cdata)
         out = func(*args, **(kwargs or {}))
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
                 storage = t.untyped_storage()
-                if storage._cdata not in self.live:
+                if storage._cdata not in self.live and storage._cdata not in self.outside:
                     self.live[storage._cdata] = storage.nbytes()
                     self.current += storage.nbytes()
                     self.peak = max(self.peak, self.current)
@@ -116,6 +127,8 @@ def machine(device):
 
 
 def git_commit():
+    if os.environ.get("SEMISEG_COMMIT"):  # set where the checkout travels without .git (the GPU machine)
+        return os.environ["SEMISEG_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               cwd=Path(__file__).parent, check=True).stdout.strip()
@@ -339,6 +352,34 @@ def eval_part(device, limit=None):
             "data": "camvid val" if not tiny else "TinyShapes val (CamVid not found)"}
 
 
+def syncs_part(device, size=512, arch="deeplabv2_r101"):
+    """Host syncs of one training step with a full bank, by site; data loading and augmentation apart."""
+    import warnings
+
+    from .syncs import HostSyncs
+
+    name, trainer, batch = paper_setting(device, size=size, arch=arch)
+    fill_bank(trainer, torch.Generator().manual_seed(1))
+    trainer.step(*batch(0))
+    b = batch(1)
+    with HostSyncs() as syncs:
+        trainer.step(*b)
+    out = {"setting": name, "device": str(device), "by_site": syncs.by_site()}
+    data = ("semiseg/data/augment.py", "semiseg/data/sampling.py")
+    out["method_syncs"] = sum(syncs.by_site(exclude=data).values())
+    if torch.device(device).type == "cuda":
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                trainer.step(*b)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        sites = [f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
+        out["cuda_sync_debug"] = dict(collections.Counter(sites))
+    return out
+
+
 # ----------------------------------------------------------------------------- report
 def verdict(key, value):
     if key not in TARGETS:
@@ -372,6 +413,11 @@ def report(result):
             for k in ("fp32", "bf16_channels_last"):
                 e = part[k]
                 lines.append(f"  {k:<20} step {e['step_seconds']:.3f} s, model fwd+bwd {e['model_fwd_bwd_seconds']:.3f} s")
+        if part["part"] == "syncs":
+            lines.append(f"  by site (semiseg.syncs): {part['by_site']}")
+            lines.append(f"  syncs outside data loading and augmentation: {part['method_syncs']}")
+            if "cuda_sync_debug" in part:
+                lines.append(f"  torch.cuda.set_sync_debug_mode warnings by line: {part['cuda_sync_debug']}")
         if part["part"] == "eval":
             lines.append(f"  {part['images']} images at {part['eval_size']} in {part['seconds']:.1f} s: "
                          f"{part['images_per_second']:.2f} images/s ({part['data']})")
@@ -383,7 +429,7 @@ def report(result):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m semiseg.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--parts", nargs="+", default=["share", "loss", "precision", "eval"],
-                        choices=["share", "loss", "precision", "eval"])
+                        choices=["share", "loss", "precision", "eval", "syncs"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precisions", nargs="+", default=["fp32"], choices=["fp32", "bf16"],
                         help="for the share and loss parts")
@@ -422,6 +468,8 @@ def main(argv=None):
             result["parts"].append({"part": "precision", **precision_part(device, args.reps)})
         elif part == "eval":
             result["parts"].append({"part": "eval", **eval_part(device, args.eval_limit)})
+        elif part == "syncs":
+            result["parts"].append({"part": "syncs", **syncs_part(device, args.paper_size, args.paper_arch)})
         print(report({**result, "parts": result["parts"][-1:]}).split("\n", 1)[1], flush=True)
     out = Path(args.out or f"book/results/bench/{device.type}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
