@@ -160,11 +160,14 @@ def blocky_labels(batch, size, num_classes, block, generator):
 
 
 def paper_setting(device, precision="fp32", channels_last=False, size=512, arch="deeplabv2_r101", num_classes=19):
-    """§4.4's shape: DeepLabv2-R101 at 512 x 512, one labeled + one unlabeled image, psi = 256."""
+    """§4.4's shape: DeepLabv2-R101 at 512 x 512, one labeled + one unlabeled image, psi = 256.
+
+    Random weights on random images can diverge within a few steps (the NaN guard then stops the
+    bench), so the learning rate is 0: the optimizer still does all of its arithmetic."""
     cfg = load_config("paper_cityscapes_dlv2", {"device": str(device), "precision": precision, "arch": arch,
                                                 "channels_last": channels_last, "pretrained": False,
                                                 "batch_labeled": 1, "batch_unlabeled": 1, "warmup_frac": 0.0,
-                                                "crop_size": [size, size], "iterations": 1000})
+                                                "crop_size": [size, size], "iterations": 1000, "lr": 0.0})
     trainer = Trainer(cfg, num_classes, 100, device)
     g = torch.Generator().manual_seed(0)
 

@@ -136,18 +136,18 @@ class Trainer:
         # augmentation randomness depends only on (seed, iteration): exact resume needs no RNG state
         self.generator = seeded(cfg.seed, self.iteration, 7)
         semi = unlabeled is not None and (lam["pseudo"] or lam["ent"] or cfg.lambda_contr)
-        x_l, y_l, ids_l = (t.to(dev) for t in labeled)
+        x_l, y_l, ids_l = self.to_device(labeled)
         # Eq. (4) input: a weak view x_l^a of each labeled image (Table 1)
         x_la, y_la, _ = augment(x_l, y_l, None, WEAK, self.generator)
         n_target = x_la.shape[0]
         if source is not None:  # §4.3.2: source images join the labeled batch for L_sup and L_contr
-            x_s, y_s, _ = (t.to(dev) for t in source)
+            x_s, y_s, _ = self.to_device(source)
             x_sa, y_sa, _ = augment(x_s, y_s, None, WEAK, self.generator)
             x_la, y_la = torch.cat([x_la, x_sa]), torch.cat([y_la, y_sa])
         self.class_counts += losses.class_histogram(y_la.clamp(max=self.C), self.C + 1)[: self.C]  # 255 -> bin C
         inputs, targets, conf_u = x_la, y_la, None
         if semi:
-            x_u = unlabeled[0].to(dev)
+            x_u = self.to_device(unlabeled[:1])[0]
             pseudo, conf = self.pseudo_labels(x_u)
             self.class_counts += losses.class_histogram(pseudo, self.C)
             # Eq. (6)-(7): A strong views; their geometry is applied to pseudo-labels and confidences too
@@ -193,6 +193,13 @@ class Trainer:
             self.update_bank(x_la[:n_target], y_la[:n_target], ids_l, feats[:n_target], counts)
         self.iteration += 1
         return {**{k: values[k] for k in terms}, "loss": values["loss"]}
+
+    def to_device(self, batch):
+        """A batch's CPU tensors on the model's device; on CUDA through pinned memory, asynchronously
+        (a copy from pageable memory would make the host wait for the device)."""
+        if self.device.type != "cuda":
+            return [t.to(self.device) for t in batch]
+        return [t.pin_memory().to(self.device, non_blocking=True) for t in batch]
 
     def host_counts(self, feats, targets, y_bank):
         """The step's one host synchronisation for the class-wise attention (issue #4).
