@@ -228,8 +228,9 @@ def official_entropy(probs):
     return -(probs * torch.log2(probs + 1e-30)).sum(1).mean() / math.log2(probs.shape[1])
 
 
-probs_d = torch.softmax(2 * torch.randn(2, 11, 8, 8, generator=torch.Generator().manual_seed(seed + 3)), dim=1)
-ours_d = losses.entropy_loss(probs_d)
+logits_d = 2 * torch.randn(2, 11, 8, 8, generator=torch.Generator().manual_seed(seed + 3))
+probs_d = torch.softmax(logits_d, dim=1)
+ours_d = losses.entropy_loss(logits_d)
 eq7_d = -(probs_d * torch.log(probs_d)).sum(1).mean()               # eq. (7) written out
 official_d = official_entropy(probs_d)
 print(f"C = 11: official {float(official_d):.5f} | ours {float(ours_d):.5f} | eq. (7) {float(eq7_d):.5f} "

@@ -172,7 +172,7 @@ class Trainer:
                     for a in range(cfg.num_views)) / cfg.num_views
             if lam["ent"]:
                 # Eq. (7)
-                terms["ent"] = losses.entropy_loss(F.softmax(logits_up[B_l:], dim=1))
+                terms["ent"] = losses.entropy_loss(logits_up[B_l:])
         counts = self.host_counts(feats, targets, y_la[:n_target]) if cfg.lambda_contr else None
         if lam["contr"]:
             terms["contr"] = self.contrastive(feats, targets, counts)

@@ -60,17 +60,25 @@ def test_class_balance_weights_sqrt_median_over_frequency():
 
 def test_entropy_loss_matches_eq7():
     g = torch.Generator().manual_seed(1)
-    probs = torch.softmax(torch.randn(3, 5, 2, 2, generator=g), 1)  # A*B = 3 views
+    logits = torch.randn(3, 5, 2, 2, generator=g)  # A*B = 3 views
+    probs = torch.softmax(logits, 1)
     total, n = 0.0, 0
     for b in range(3):
         for i in range(2):
             for j in range(2):
                 n += 1
                 total += sum(float(probs[b, c, i, j]) * math.log(float(probs[b, c, i, j])) for c in range(5))
-    assert losses.entropy_loss(probs).item() == pytest.approx(-total / n, rel=1e-5)
+    assert losses.entropy_loss(logits).item() == pytest.approx(-total / n, rel=1e-5)
     # not divided by log C (the official code does)
-    uniform = torch.full((1, 5, 1, 1), 0.2)
-    assert losses.entropy_loss(uniform).item() == pytest.approx(math.log(5))
+    assert losses.entropy_loss(torch.zeros(1, 5, 1, 1)).item() == pytest.approx(math.log(5))
+
+
+def test_entropy_gradient_is_finite_where_a_probability_underflows():
+    """The bf16 CamVid run died at iteration 85: xlogy(p, p) has gradient 0/0 = NaN at p = 0."""
+    logits = torch.tensor([0.0, 120.0, -50.0]).reshape(1, 3, 1, 1).requires_grad_()
+    assert float(torch.softmax(logits, 1).min()) == 0.0
+    losses.entropy_loss(logits).backward()
+    assert torch.isfinite(logits.grad).all()
 
 
 def loop_contrastive(pred, labels, memory, pred_scores, memory_scores, C, counts):

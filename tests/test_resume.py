@@ -100,9 +100,9 @@ def test_nan_loss_stops_with_iteration_and_term_and_keeps_last_checkpoint(tmp_pa
     calls = {"n": 0}
     real = losses.entropy_loss
 
-    def flaky(probs):
+    def flaky(logits):
         calls["n"] += 1
-        return real(probs) * (float("nan") if calls["n"] == 5 else 1.0)
+        return real(logits) * (float("nan") if calls["n"] == 5 else 1.0)
 
     monkeypatch.setattr(losses, "entropy_loss", flaky)
     with pytest.raises(FloatingPointError, match=r"non-finite loss at iteration 4: term\(s\) \['ent'\]"):

@@ -6,7 +6,8 @@ applied identically to the image, its (pseudo-)labels and their confidences.
 Choices the paper leaves open (marked in the book): the order ClassMix -> flip -> resize ->
 colour jitter -> blur; resize keeps the crop size (zoom in: random crop; zoom out: pad with
 ignore); blur sigma in [0.1, 2] with a kernel of about 1/10 of the shorter side; the ClassMix
-partner of sample i is sample i+1 of the same batch.
+partners are the pairs (0, 1), (2, 3), ... of the batch (an odd batch's last sample takes the one
+before it), so that pairs never straddle two processes' shares of a batch (multi-GPU training).
 """
 
 from __future__ import annotations
@@ -61,10 +62,16 @@ def classmix_mask(labels, generator):
     return torch.isin(labels, chosen.to(labels.device))
 
 
+def partner(index, batch_size):
+    """ClassMix partner of sample ``index``: the other sample of its pair (0, 1), (2, 3), ..."""
+    j = index ^ 1
+    return j if j < batch_size else index - 1
+
+
 def classmix(images, labels, conf, index, generator):
-    """Paste half of the classes of sample ``index + 1`` onto sample ``index``: image, labels and
+    """Paste half of the classes of sample ``index``'s partner onto it: image, labels and
     confidences are mixed with the same mask. Returns the mixed triple for that sample."""
-    j = (index + 1) % images.shape[0]
+    j = partner(index, images.shape[0])
     mask = classmix_mask(labels[j], generator)
     image = torch.where(mask[None], images[j], images[index])
     label = torch.where(mask, labels[j], labels[index])
@@ -109,23 +116,26 @@ def augment(images, labels, conf=None, params=WEAK, generator=None):
     """One augmented view of a batch, Table 1 parameters drawn per sample.
 
     ``images`` [B, 3, H, W] in [0, 1]; ``labels`` [B, H, W] (labels or pseudo-labels, 255 =
-    ignore); ``conf`` [B, H, W] pseudo-label confidences or None. Returns new tensors of the
-    same shapes.
+    ignore); ``conf`` [B, H, W] pseudo-label confidences or None. ``generator``: one
+    ``torch.Generator`` for the whole batch, or a list with one per sample (training uses one per
+    sample, keyed by the sample's place in the global batch, so that a sample is augmented alike
+    however the batch is split across processes). Returns new tensors of the same shapes.
     """
     out_images, out_labels, out_conf = [], [], []
     for i in range(images.shape[0]):
         image, label, c = images[i], labels[i], None if conf is None else conf[i]
-        if images.shape[0] > 1 and _rand(generator) < params.classmix_p:
-            image, label, c = classmix(images, labels, conf, i, generator)
-        if _rand(generator) < params.flip_p:
+        g = generator[i] if isinstance(generator, (list, tuple)) else generator
+        if images.shape[0] > 1 and _rand(g) < params.classmix_p:
+            image, label, c = classmix(images, labels, conf, i, g)
+        if _rand(g) < params.flip_p:
             image, label = image.flip(-1), label.flip(-1)
             c = None if c is None else c.flip(-1)
-        if _rand(generator) < params.resize_p:
-            image, label, c = _resize_keep_size(image, label, c, _uniform(*params.resize_range, generator), generator)
-        if _rand(generator) < params.jitter_p:
-            image = _colour_jitter(image, params, generator)
-        if _rand(generator) < params.blur_p:
-            image = _blur(image, generator)
+        if _rand(g) < params.resize_p:
+            image, label, c = _resize_keep_size(image, label, c, _uniform(*params.resize_range, g), g)
+        if _rand(g) < params.jitter_p:
+            image = _colour_jitter(image, params, g)
+        if _rand(g) < params.blur_p:
+            image = _blur(image, g)
         out_images.append(image.clamp(0, 1))
         out_labels.append(label)
         out_conf.append(c)
