@@ -79,6 +79,7 @@ class Config:
     deterministic: bool = False       # torch.use_deterministic_algorithms (exact resume on GPU)
     precision: str = "fp32"           # fp32 | bf16 (autocast of the forward passes)
     channels_last: bool = False       # NHWC memory format for the convolutions
+    sync_bn: bool = False             # torchrun with several CUDA processes: SyncBatchNorm in the network
     out_dir: str | None = None        # default: runs/<dataset>/<ratio>/split<k>/<variant>/seed<k>
 
     def run_dir(self) -> Path:

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import os
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import losses
+from . import distributed, losses
 from .checkpoint import (atomic_torch_save, check_compatible, newest_valid_checkpoint, read_checkpoint,
                          rng_state, save_checkpoint, set_rng_state)
 from .config import Config, atomic_write_text, load_config, one_line_errors, save_config
@@ -74,6 +75,18 @@ def pixels_to_vectors(feats, labels):
     return feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1]), labels.reshape(-1), labels
 
 
+class _Objective(torch.nn.Module):
+    """``Trainer.student_terms`` as a module that owns the student, so DDP can wrap it."""
+
+    def __init__(self, trainer):
+        super().__init__()
+        self.student = trainer.student
+        self._trainer = [trainer]  # a list: not registered as a submodule
+
+    def forward(self, *args):
+        return self._trainer[0].student_terms(*args)
+
+
 def first_true(mask, n):
     """Indices of the ``n`` True entries of a 1-D ``mask``, in order; ``n`` is known on the host, so
     unlike ``mask.nonzero()`` or ``x[mask]`` this never waits for the device."""
@@ -83,12 +96,29 @@ def first_true(mask, n):
 class Trainer:
     """Holds student f_theta, teacher f_xi, the memory bank and the class-frequency state."""
 
-    def __init__(self, cfg: Config, num_classes: int, num_labeled: int, device):
+    def __init__(self, cfg: Config, num_classes: int, num_labeled: int, device, dist_info=None):
         self.cfg, self.C, self.device = cfg, num_classes, torch.device(device)
+        self.dist = dist_info or distributed.Dist()
         self.student = build_model(cfg.arch, num_classes, pretrained=cfg.pretrained).to(self.device).train()
+        if cfg.sync_bn and self.dist.enabled:
+            if self.device.type != "cuda":
+                raise ValueError("config key 'sync_bn' = True needs CUDA processes (SyncBatchNorm has no CPU kernel)")
+            distributed.convert_sync_bn(self.student)
         if cfg.channels_last:
             self.student = self.student.to(memory_format=torch.channels_last)
         self.teacher = make_teacher(self.student)
+        # the student-side computation of a step (eq. 1's terms), wrapped in DDP with several processes
+        self.objective = _Objective(self)
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # BatchNorm statistics are averaged after each step instead of broadcast from rank 0
+            buffers = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                       else {"broadcast_buffers": False})
+            self.objective = DistributedDataParallel(
+                self.objective, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=True,  # attention modules of classes absent from a batch
+                **buffers)
         self.optimizer = torch.optim.SGD(self.student.param_groups(cfg.lr), lr=cfg.lr, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay)
         for group in self.optimizer.param_groups:
@@ -129,40 +159,70 @@ class Trainer:
         conf, pseudo = probs.max(1)
         return pseudo, conf
 
+    def generators(self, stream, n):
+        """One generator per sample of this process's share: keyed on (seed, iteration, stream, the
+        sample's place in the global batch), so augmentation does not depend on the process count."""
+        return [seeded(self.cfg.seed, self.iteration, 7, stream, self.dist.rank * n + i) for i in range(n)]
+
     def step(self, labeled, unlabeled=None, source=None):
-        """One iteration of eq. (1); returns the loss terms as floats."""
-        cfg, dev = self.cfg, self.device
+        """One iteration of eq. (1); returns the loss terms as floats (means over processes)."""
+        cfg = self.cfg
         lam = self.lambdas()
-        # augmentation randomness depends only on (seed, iteration): exact resume needs no RNG state
-        self.generator = seeded(cfg.seed, self.iteration, 7)
+        # augmentation randomness depends only on (seed, iteration, sample): exact resume needs no RNG state
+        self.generator = seeded(cfg.seed, self.iteration, 7, self.dist.rank)
         semi = unlabeled is not None and (lam["pseudo"] or lam["ent"] or cfg.lambda_contr)
         x_l, y_l, ids_l = self.to_device(labeled)
         # Eq. (4) input: a weak view x_l^a of each labeled image (Table 1)
-        x_la, y_la, _ = augment(x_l, y_l, None, WEAK, self.generator)
+        x_la, y_la, _ = augment(x_l, y_l, None, WEAK, self.generators(0, x_l.shape[0]))
         n_target = x_la.shape[0]
         if source is not None:  # §4.3.2: source images join the labeled batch for L_sup and L_contr
             x_s, y_s, _ = self.to_device(source)
-            x_sa, y_sa, _ = augment(x_s, y_s, None, WEAK, self.generator)
+            x_sa, y_sa, _ = augment(x_s, y_s, None, WEAK, self.generators(1, x_s.shape[0]))
             x_la, y_la = torch.cat([x_la, x_sa]), torch.cat([y_la, y_sa])
-        self.class_counts += losses.class_histogram(y_la.clamp(max=self.C), self.C + 1)[: self.C]  # 255 -> bin C
-        inputs, targets, conf_u = x_la, y_la, None
+        class_counts = losses.class_histogram(y_la.clamp(max=self.C), self.C + 1)[: self.C]  # 255 -> bin C
+        inputs, targets, conf_u, B_u = x_la, y_la, None, 0
         if semi:
             x_u = self.to_device(unlabeled[:1])[0]
             pseudo, conf = self.pseudo_labels(x_u)
-            self.class_counts += losses.class_histogram(pseudo, self.C)
+            class_counts = class_counts + losses.class_histogram(pseudo, self.C)
             # Eq. (6)-(7): A strong views; their geometry is applied to pseudo-labels and confidences too
-            views = [augment(x_u, pseudo, conf, STRONG, self.generator) for _ in range(cfg.num_views)]
+            views = [augment(x_u, pseudo, conf, STRONG, self.generators(2 + a, x_u.shape[0])) for a in range(cfg.num_views)]
             inputs = torch.cat([x_la] + [v[0] for v in views])
             targets = torch.cat([y_la] + [v[1] for v in views])
             conf_u = torch.cat([v[2] for v in views])
+            B_u = x_u.shape[0]
+        self.class_counts += distributed.all_reduce_(class_counts.double(), self.dist)
+        terms, feats, counts = self.objective(inputs, targets, conf_u, x_la.shape[0], B_u, y_la[:n_target], semi, lam)
+        # Eq. (1)
+        loss = sum(lam[k] * v for k, v in terms.items())
+        # the step's second (and last) host sync: all loss values at once, for the log and the NaN guard
+        values = torch.stack([loss.detach(), *(v.detach() for v in terms.values())])
+        values = dict(zip(["loss", *terms], distributed.all_reduce_(values, self.dist, mean=True).tolist()))
+        if not math.isfinite(values["loss"]):
+            bad = [k for k in terms if not math.isfinite(values[k])]
+            raise FloatingPointError(f"non-finite loss at iteration {self.iteration}: term(s) {bad or ['total']}")
+        self.set_lr()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        distributed.average_buffers_(self.student, self.dist)
+        # Eq. (2)
+        ema_update(self.teacher, self.student, tau_schedule(self.iteration, cfg.iterations, cfg.tau_start, cfg.tau_end))
+        if cfg.lambda_contr:
+            self.update_bank(x_la[:n_target], y_la[:n_target], ids_l, feats[:n_target], counts)
+        self.iteration += 1
+        return {**{k: values[k] for k in terms}, "loss": values["loss"]}
+
+    def student_terms(self, inputs, targets, conf_u, B_l, B_u, y_bank, semi, lam):
+        """The student's forward pass and the terms of eq. (1) -> (terms, feats, attention counts)."""
+        cfg = self.cfg
         logits, feats = self.forward(self.student, inputs)
         logits_up = F.interpolate(logits.float(), size=inputs.shape[-2:], mode="bilinear", align_corners=False)
-        B_l, alpha = x_la.shape[0], self.alpha()
+        alpha = self.alpha()
         terms = {}
         # Eq. (4)
-        terms["sup"] = losses.weighted_cross_entropy(logits_up[:B_l], y_la, class_weights=alpha)
+        terms["sup"] = losses.weighted_cross_entropy(logits_up[:B_l], targets[:B_l], class_weights=alpha)
         if semi:
-            B_u = x_u.shape[0]
             beta = conf_u ** cfg.sharpen  # §4.2: pixel weights = sharpened teacher confidence
             if lam["pseudo"]:
                 # Eq. (6): mean over the A views of eq. (3)
@@ -173,26 +233,10 @@ class Trainer:
             if lam["ent"]:
                 # Eq. (7)
                 terms["ent"] = losses.entropy_loss(logits_up[B_l:])
-        counts = self.host_counts(feats, targets, y_la[:n_target]) if cfg.lambda_contr else None
+        counts = self.host_counts(feats, targets, y_bank) if cfg.lambda_contr else None
         if lam["contr"]:
             terms["contr"] = self.contrastive(feats, targets, counts)
-        # Eq. (1)
-        loss = sum(lam[k] * v for k, v in terms.items())
-        # the step's second (and last) host sync: all loss values at once, for the log and the NaN guard
-        values = dict(zip(["loss", *terms], torch.stack([loss.detach(), *(v.detach() for v in terms.values())]).tolist()))
-        if not math.isfinite(values["loss"]):
-            bad = [k for k in terms if not math.isfinite(values[k])]
-            raise FloatingPointError(f"non-finite loss at iteration {self.iteration}: term(s) {bad or ['total']}")
-        self.set_lr()
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        # Eq. (2)
-        ema_update(self.teacher, self.student, tau_schedule(self.iteration, cfg.iterations, cfg.tau_start, cfg.tau_end))
-        if cfg.lambda_contr:
-            self.update_bank(x_la[:n_target], y_la[:n_target], ids_l, feats[:n_target], counts)
-        self.iteration += 1
-        return {**{k: values[k] for k in terms}, "loss": values["loss"]}
+        return terms, feats, counts
 
     def to_device(self, batch):
         """A batch's CPU tensors on the model's device; on CUDA through pinned memory, asynchronously
@@ -264,7 +308,10 @@ class Trainer:
             scores = torch.rand(vec_labels.shape, generator=self.generator).to(self.device)
         net.train(was_training)
         image_ids = ids.to(self.device).repeat_interleave(labels_small[0].numel())
-        self.bank.push(proj, vec_labels, scores, image_ids, self.quota, valid=valid)
+        # several processes: every one pushes all processes' candidates (gathered in rank order,
+        # fixed shapes), so the banks stay identical
+        gather = lambda t: distributed.all_gather_cat(t, self.dist)  # noqa: E731
+        self.bank.push(gather(proj), gather(vec_labels), gather(scores), gather(image_ids), self.quota, valid=gather(valid))
 
     def state_dict(self):
         return {"student": self.student.state_dict(), "teacher": self.teacher.state_dict(),
@@ -325,43 +372,84 @@ class MetricsLog:
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
 
 
+class _NoLog:
+    """Stands in for the metrics log on processes other than rank 0."""
+
+    def add(self, record):
+        pass
+
+
+def setup(cfg: Config, info=None, run_dir=None, resume=False):
+    """Data, batches and trainer of a run (shared by :func:`train` and the multi-process test).
+
+    Returns ``(trainer, batches, val)``; ``batches(it)`` gives the (labeled, unlabeled, source)
+    batches of iteration ``it`` for this process. With ``resume`` the trainer continues from the
+    newest valid checkpoint of ``run_dir``.
+    """
+    info = info or distributed.Dist()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    seed_everything(cfg.seed, cfg.deterministic)
+    device = resolve_device(cfg)
+    if device == "cuda" and info.enabled:
+        device = f"cuda:{info.local_rank}"
+    for key in ("batch_labeled", "batch_unlabeled"):
+        distributed.shard(getattr(cfg, key), info, key)
+    labeled, unlabeled, source = build_train_data(cfg)
+    val = build_eval_dataset(cfg)
+    trainer = Trainer(cfg, labeled.num_classes, len(labeled), device, info)
+    state, path = newest_valid_checkpoint(run_dir) if resume else (None, None)
+    trainer.seconds = 0.0
+    if state is not None:
+        check_compatible(state, cfg.arch, labeled.num_classes, path)
+        trainer.load_state_dict(state)
+        trainer.seconds = state.get("seconds", 0.0)
+        if info.main:
+            print(f"resuming {run_dir} from {path.name} (iteration {trainer.iteration})")
+    elif resume and info.main:
+        print(f"no valid checkpoint in {run_dir}; starting from iteration 0")
+
+    def make(ds, size, stream):
+        return Batches(ds, size, cfg.base_size, cfg.crop_size, seeded(cfg.seed, stream).initial_seed(), info.rank, info.world)
+
+    labeled_batch = make(labeled, cfg.batch_labeled, 1)
+    semi = cfg.lambda_pseudo or cfg.lambda_ent or cfg.lambda_contr
+    unlabeled_batch = make(unlabeled, cfg.batch_unlabeled, 2) if semi and len(unlabeled) else None
+    source_batch = make(source, cfg.batch_labeled, 3) if source is not None else None
+
+    def batches(it):
+        return (labeled_batch(it), unlabeled_batch(it) if unlabeled_batch else None,
+                source_batch(it) if source_batch else None)
+
+    return trainer, batches, val
+
+
 def train(cfg: Config, progress=True, overwrite=False, resume=False):
     """Train one run; returns its summary dict (also written to ``<run_dir>/summary.json``).
 
     With ``resume`` the run continues from the newest valid checkpoint in its run directory
     (config ``checkpoint_every``) and ends with the same weights as an uninterrupted run.
+    Under ``torchrun`` every process trains its share of each batch (:mod:`semiseg.distributed`);
+    rank 0 alone evaluates and writes.
     """
     run_dir = cfg.run_dir()
     if (run_dir / "summary.json").exists() and not overwrite:
         raise FileExistsError(f"{run_dir} already holds a finished run (summary.json); pass --overwrite to replace it")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    seed_everything(cfg.seed, cfg.deterministic)
-    device = resolve_device(cfg)
-    labeled, unlabeled, source = build_train_data(cfg)
-    val = build_eval_dataset(cfg)
-    trainer = Trainer(cfg, labeled.num_classes, len(labeled), device)
-    state, path = newest_valid_checkpoint(run_dir) if resume else (None, None)
-    elapsed = 0.0
-    if state is not None:
-        check_compatible(state, cfg.arch, labeled.num_classes, path)
-        trainer.load_state_dict(state)
-        elapsed = state.get("seconds", 0.0)
-        print(f"resuming {run_dir} from {path.name} (iteration {trainer.iteration})")
-    elif resume:
-        print(f"no valid checkpoint in {run_dir}; starting from iteration 0")
-    save_config(cfg, run_dir / "config.yaml")
-    batches = lambda ds, size, stream: Batches(ds, size, cfg.base_size, cfg.crop_size, seeded(cfg.seed, stream).initial_seed())  # noqa: E731
-    labeled_batch = batches(labeled, cfg.batch_labeled, 1)
-    semi = cfg.lambda_pseudo or cfg.lambda_ent or cfg.lambda_contr
-    unlabeled_batch = batches(unlabeled, cfg.batch_unlabeled, 2) if semi and len(unlabeled) else None
-    source_batch = batches(source, cfg.batch_labeled, 3) if source is not None else None
-    metrics = MetricsLog(run_dir / "metrics.jsonl", trainer.iteration)
-    write_status(run_dir, "running", iteration=trainer.iteration)
-    meta = {"config": cfg.to_dict(), "num_classes": labeled.num_classes, "class_names": list(labeled.class_names),
-            "palette": [tuple(c) for c in labeled.palette]}
-    start = time.time() - elapsed
+    info = distributed.init(resolve_device(cfg))
+    main = info.main
+    progress = progress and main
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    distributed.barrier(info)
+    trainer, batches, val = setup(cfg, info, run_dir, resume)
+    device = trainer.device
+    if main:
+        save_config(cfg, run_dir / "config.yaml")
+        write_status(run_dir, "running", iteration=trainer.iteration, processes=info.world)
+    metrics = MetricsLog(run_dir / "metrics.jsonl", trainer.iteration) if main else _NoLog()
+    meta = {"config": cfg.to_dict(), "num_classes": trainer.C, "processes": info.world,
+            "class_names": list(val.class_names), "palette": [tuple(c) for c in val.palette]}
+    start = time.time() - trainer.seconds
     bar = range(trainer.iteration, cfg.iterations)
     if progress:
         from tqdm import tqdm
@@ -370,8 +458,7 @@ def train(cfg: Config, progress=True, overwrite=False, resume=False):
                    initial=trainer.iteration, total=cfg.iterations)
     try:
         for it in bar:
-            terms = trainer.step(labeled_batch(it), unlabeled_batch(it) if unlabeled_batch else None,
-                                 source_batch(it) if source_batch else None)
+            terms = trainer.step(*batches(it))
             if progress:
                 bar.set_postfix({k: f"{v:.3f}" for k, v in terms.items()})
             record = None
@@ -379,25 +466,35 @@ def train(cfg: Config, progress=True, overwrite=False, resume=False):
                 record = {"iteration": it + 1, **terms, "lr": trainer.optimizer.param_groups[0]["lr"],
                           "bank_fill": float(trainer.bank.count.float().mean() / cfg.psi), "seconds": round(time.time() - start, 2)}
             if cfg.eval_every and (it + 1) % cfg.eval_every == 0 and it + 1 < cfg.iterations:
-                record = (record or {"iteration": it + 1}) | {"val_miou": evaluate(eval_model(trainer), val, cfg.eval_size, device)["miou"]}
+                if main:
+                    record = (record or {"iteration": it + 1}) | {"val_miou": evaluate(eval_model(trainer), val, cfg.eval_size, device)["miou"]}
+                distributed.barrier(info)
             if record:
                 metrics.add(record)
-            if cfg.checkpoint_every and (it + 1) % cfg.checkpoint_every == 0 and it + 1 < cfg.iterations:
+            if main and cfg.checkpoint_every and (it + 1) % cfg.checkpoint_every == 0 and it + 1 < cfg.iterations:
                 save_checkpoint(run_dir, {**meta, **trainer.state_dict(), "seconds": time.time() - start}, cfg.keep_checkpoints)
         seconds = time.time() - start
-        result = evaluate(eval_model(trainer), val, cfg.eval_size, device, progress=progress)
+        result = evaluate(eval_model(trainer), val, cfg.eval_size, device, progress=progress) if main else None
     except BaseException as err:
-        write_status(run_dir, "crashed", iteration=trainer.iteration, error=f"{type(err).__name__}: {err}")
+        if main:
+            write_status(run_dir, "crashed", iteration=trainer.iteration, error=f"{type(err).__name__}: {err}")
         raise
+    if not main:
+        distributed.barrier(info)
+        distributed.destroy(info)
+        return None
     atomic_torch_save({**meta, **trainer.state_dict(), "seconds": seconds}, run_dir / "checkpoint.pt")
     summary = {"miou": round(result["miou"], 4), "per_class_iou": result["per_class_iou"], "iterations": cfg.iterations,
                "seconds": round(seconds, 1), "variant": cfg.variant, "seed": cfg.seed, "split": cfg.split,
                "profile": cfg.profile, "dataset": cfg.dataset, "ratio": cfg.ratio, "arch": cfg.arch,
-               "evaluated": cfg.eval_with, "device": str(device), "torch": torch.__version__,
-               "machine": f"{os.cpu_count()} CPU threads" if device == "cpu" else torch.cuda.get_device_name()}
+               "evaluated": cfg.eval_with, "device": str(device), "processes": info.world, "precision": cfg.precision,
+               "torch": torch.__version__,
+               "machine": f"{os.cpu_count()} CPU threads" if device.type == "cpu" else torch.cuda.get_device_name()}
     metrics.add({"iteration": cfg.iterations, "val_miou": summary["miou"]})
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     write_status(run_dir, "finished", iteration=cfg.iterations)
+    distributed.barrier(info)
+    distributed.destroy(info)
     return summary
 
 
@@ -428,7 +525,8 @@ def main(argv=None):
     with one_line_errors():
         cfg = load_config(args.config, args.overrides)
         summary = train(cfg, progress=not args.no_progress, overwrite=args.overwrite, resume=args.resume)
-    print(json.dumps({k: summary[k] for k in ("variant", "seed", "miou", "iterations", "seconds")}))
+    if summary is not None:  # rank 0 (or the only process)
+        print(json.dumps({k: summary[k] for k in ("variant", "seed", "miou", "iterations", "seconds")}))
 
 
 if __name__ == "__main__":

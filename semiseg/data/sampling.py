@@ -46,13 +46,22 @@ def load_crop(dataset, index, base_size, crop_size, generator):
 
 
 class Batches:
-    """Shuffled, cropped batches of ``(images, labels, indices)`` indexed by the iteration."""
+    """Shuffled, cropped batches of ``(images, labels, indices)`` indexed by the iteration.
 
-    def __init__(self, dataset, batch_size, base_size, crop_size, seed):
+    With ``world`` > 1 (multi-process training) ``batch_size`` is the global batch and this process
+    (``rank``) gets the ``rank``-th of ``world`` equal contiguous shares of it. Each sample is
+    cropped by a generator keyed on (seed, iteration, its place in the global batch), so the shares
+    of all processes together are exactly the one-process batch.
+    """
+
+    def __init__(self, dataset, batch_size, base_size, crop_size, seed, rank=0, world=1):
         if len(dataset) == 0:
             raise ValueError("cannot draw batches from an empty dataset")
         self.dataset, self.base_size, self.crop_size, self.seed = dataset, base_size, crop_size, seed
         self.batch_size = min(batch_size, len(dataset))
+        if self.batch_size % world:
+            raise ValueError(f"a batch of {self.batch_size} cannot be split into {world} equal shares")
+        self.rank, self.world, self.share = rank, world, self.batch_size // world
         self.per_epoch = len(dataset) // self.batch_size
 
     def indices(self, iteration):
@@ -60,8 +69,12 @@ class Batches:
         order = torch.randperm(len(self.dataset), generator=seeded(self.seed, epoch))
         return order[k * self.batch_size : (k + 1) * self.batch_size].tolist()
 
+    def slots(self):
+        """Places in the global batch of this process's samples."""
+        return range(self.rank * self.share, (self.rank + 1) * self.share)
+
     def __call__(self, iteration):
-        indices = self.indices(iteration)
+        indices = self.indices(iteration)[self.rank * self.share: (self.rank + 1) * self.share]
         crops = [load_crop(self.dataset, i, self.base_size, self.crop_size, seeded(self.seed, iteration, slot))
-                 for slot, i in enumerate(indices)]
+                 for slot, i in zip(self.slots(), indices)]
         return torch.stack([c[0] for c in crops]), torch.stack([c[1] for c in crops]), torch.tensor(indices)
