@@ -26,10 +26,8 @@ import argparse
 import collections
 import datetime
 import json
-import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 import weakref
@@ -42,7 +40,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
 from . import losses, reference
-from .config import atomic_write_text, load_config
+from .config import atomic_write_text, load_config, source_commit
 from .data.sampling import Batches
 from .train import Trainer
 
@@ -80,6 +78,20 @@ def flops(fn):
     with FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops()
+
+
+def kernel_launches(fn):
+    """CUDA kernels launched by ``fn()`` and their GPU time, from ``torch.profiler``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel",
+                                                        "cuLaunchKernelEx"))
+    gpu_us = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in events)
+    return {"launches": launches, "cuda_seconds": gpu_us / 1e6}
 
 
 class PeakMemory(TorchDispatchMode):
@@ -124,16 +136,6 @@ def machine(device):
     if torch.device(device).type == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
     return info
-
-
-def git_commit():
-    if os.environ.get("SEMISEG_COMMIT"):  # set where the checkout travels without .git (the GPU machine)
-        return os.environ["SEMISEG_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 # ----------------------------------------------------------------------------- settings
@@ -246,6 +248,8 @@ def share_part(name, trainer, batch, reps):
                       "step_module_off": timed(lambda: step(False), dev, reps, warmup=0),
                       "module": timed(lambda: module_work(trainer, tensors), dev, max(reps, 3)),
                       "bank_teacher_forward": timed(teacher_forward, dev, reps)}
+    if dev.type == "cuda":
+        out["module_kernels"] = kernel_launches(lambda: module_work(trainer, tensors))
     f, s = out["flops"], out["seconds"]
     out["flop_share"] = f["module"] / f["step"]
     out["time_share"] = s["module"] / s["step"]
@@ -447,7 +451,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     torch.manual_seed(0)
-    result = {"date": datetime.date.today().isoformat(), "commit": git_commit(), "command": " ".join(sys.argv),
+    result = {"date": datetime.date.today().isoformat(), "commit": source_commit(), "command": " ".join(sys.argv),
               "machine": machine(device), "targets": {k: f"{op} {v:g}" for k, (op, v) in TARGETS.items()}, "parts": []}
     cpu = device.type == "cpu"
     for part in args.parts:

@@ -216,3 +216,21 @@ def one_line_errors():
     except USER_ERRORS as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
         sys.exit("error: " + " ".join(str(message).split()))
+
+
+def source_commit():
+    """Short git commit of the ``semiseg`` source, with ``+dirty`` when the package differs from it
+    (``$SEMISEG_COMMIT`` where the checkout travels without ``.git``, as on the GPU machine); None
+    outside a git checkout."""
+    import subprocess
+
+    if os.environ.get("SEMISEG_COMMIT"):
+        return os.environ["SEMISEG_COMMIT"]
+    here = Path(__file__).parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=here,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "."], cwd=here).returncode != 0
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return f"{commit}+dirty" if dirty and commit else commit or None

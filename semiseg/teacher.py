@@ -22,13 +22,15 @@ def ema_update(teacher, student, tau):
     *Choice*: floating-point buffers (BatchNorm running statistics) follow the same EMA;
     integer buffers (``num_batches_tracked``) are copied.
     """
-    for xi, theta in zip(teacher.parameters(), student.parameters()):
-        # Eq. (2)
-        xi.mul_(tau).add_(theta.detach(), alpha=1.0 - tau)
+    xi, theta = list(teacher.parameters()), [p.detach() for p in student.parameters()]
+    floats = [(b_t, b_s) for b_t, b_s in zip(teacher.buffers(), student.buffers()) if b_t.is_floating_point()]
+    xi += [b_t for b_t, _ in floats]
+    theta += [b_s for _, b_s in floats]
+    # Eq. (2), as two multi-tensor kernels instead of two per parameter
+    torch._foreach_mul_(xi, tau)
+    torch._foreach_add_(xi, theta, alpha=1.0 - tau)
     for b_t, b_s in zip(teacher.buffers(), student.buffers()):
-        if b_t.is_floating_point():
-            b_t.mul_(tau).add_(b_s, alpha=1.0 - tau)
-        else:
+        if not b_t.is_floating_point():
             b_t.copy_(b_s)
 
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from . import distributed, losses
 from .checkpoint import (atomic_torch_save, check_compatible, newest_valid_checkpoint, read_checkpoint,
                          rng_state, save_checkpoint, set_rng_state)
-from .config import Config, atomic_write_text, load_config, one_line_errors, save_config
+from .config import Config, atomic_write_text, load_config, one_line_errors, save_config, source_commit
 from .data import build_dataset, read_split
 from .data.augment import STRONG, WEAK, augment
 from .data.sampling import Batches, seeded
@@ -488,7 +488,7 @@ def train(cfg: Config, progress=True, overwrite=False, resume=False):
                "seconds": round(seconds, 1), "variant": cfg.variant, "seed": cfg.seed, "split": cfg.split,
                "profile": cfg.profile, "dataset": cfg.dataset, "ratio": cfg.ratio, "arch": cfg.arch,
                "evaluated": cfg.eval_with, "device": str(device), "processes": info.world, "precision": cfg.precision,
-               "torch": torch.__version__,
+               "torch": torch.__version__, "commit": source_commit(),
                "machine": f"{os.cpu_count()} CPU threads" if device.type == "cpu" else torch.cuda.get_device_name()}
     metrics.add({"iteration": cfg.iterations, "val_miou": summary["miou"]})
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
