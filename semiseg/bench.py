@@ -90,7 +90,8 @@ def kernel_launches(fn):
     events = prof.key_averages()
     launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel",
                                                         "cuLaunchKernelEx"))
-    gpu_us = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in events)
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]  # kernels, not the ops above them
+    gpu_us = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in kernels)
     return {"launches": launches, "cuda_seconds": gpu_us / 1e6}
 
 
@@ -151,7 +152,7 @@ def camvid_setting(device, precision="fp32", channels_last=False, overrides=None
     trainer = Trainer(cfg, train_set.num_classes, n_lab, device)
     labeled = Batches(train_set.subset(train_set.names[:n_lab]), cfg.batch_labeled, cfg.base_size, cfg.crop_size, 1)
     unlabeled = Batches(train_set.subset(train_set.names[n_lab:]), cfg.batch_unlabeled, cfg.base_size, cfg.crop_size, 2)
-    name = "camvid_quick" if not tiny else "camvid_quick shapes on TinyShapes (CamVid not found)"
+    name = f"camvid_quick, {cfg.arch}" + (" (TinyShapes: CamVid not found)" if tiny else "")
     return name, trainer, lambda it: (labeled(it), unlabeled(it))
 
 
@@ -446,6 +447,8 @@ def main(argv=None):
     parser.add_argument("--loss-n", type=int, default=38000, help="vectors in the loss part")
     parser.add_argument("--paper-size", type=int, default=512, help="crop size of the paper-shape setting")
     parser.add_argument("--paper-arch", default="deeplabv2_r101")
+    parser.add_argument("--precision-arch", default=None,
+                        help="network of the precision part (default: the CamVid profile's; random weights otherwise)")
     parser.add_argument("--eval-limit", type=int, default=None, help="evaluate only the first N val images")
     parser.add_argument("--out", default=None, help="JSON output (default book/results/bench/<device>.json)")
     args = parser.parse_args(argv)
@@ -472,7 +475,8 @@ def main(argv=None):
                 result["parts"].append({"part": "loss", **loss_part(device, max(1, args.reps // 2) if cpu else args.reps,
                                                                      n=args.loss_n, precision=precision)})
         elif part == "precision":
-            result["parts"].append({"part": "precision", **precision_part(device, args.reps)})
+            arch = {"arch": args.precision_arch, "pretrained": False} if args.precision_arch else None
+            result["parts"].append({"part": "precision", **precision_part(device, args.reps, arch)})
         elif part == "eval":
             result["parts"].append({"part": "eval", **eval_part(device, args.eval_limit)})
         elif part == "syncs":

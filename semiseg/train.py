@@ -435,6 +435,7 @@ def train(cfg: Config, progress=True, overwrite=False, resume=False):
     run_dir = cfg.run_dir()
     if (run_dir / "summary.json").exists() and not overwrite:
         raise FileExistsError(f"{run_dir} already holds a finished run (summary.json); pass --overwrite to replace it")
+    commit = source_commit()  # the code that trains, read before it can change on disk
     info = distributed.init(resolve_device(cfg))
     main = info.main
     progress = progress and main
@@ -488,7 +489,7 @@ def train(cfg: Config, progress=True, overwrite=False, resume=False):
                "seconds": round(seconds, 1), "variant": cfg.variant, "seed": cfg.seed, "split": cfg.split,
                "profile": cfg.profile, "dataset": cfg.dataset, "ratio": cfg.ratio, "arch": cfg.arch,
                "evaluated": cfg.eval_with, "device": str(device), "processes": info.world, "precision": cfg.precision,
-               "torch": torch.__version__, "commit": source_commit(),
+               "torch": torch.__version__, "commit": commit,
                "machine": f"{os.cpu_count()} CPU threads" if device.type == "cpu" else torch.cuda.get_device_name()}
     metrics.add({"iteration": cfg.iterations, "val_miou": summary["miou"]})
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
