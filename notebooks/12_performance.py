@@ -31,6 +31,7 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import torch
+import yaml
 from IPython.display import Markdown, display
 
 from semiseg import bench, distributed, losses, results
@@ -220,10 +221,29 @@ for name, report in reports.items():
 # %%
 variants = ("supervised", "supervised_bf16", "full", "full_bf16")
 runs = [r for r in results.collect() if r["variant"] in variants and r["dataset"] == "camvid" and r["ratio"] == "1/8"]
+
+
+def precision(run):
+    """From the summary, or (older runs) from the resolved config.yaml beside it."""
+    if "precision" in run:
+        return run["precision"]
+    config = yaml.safe_load((Path(run["path"]).parent / "config.yaml").read_text())
+    return config.get("precision", "fp32")
+
+
 display(Markdown(md_table(
-    [{**r, "miou": f"{r['miou']:.2f}", "minutes": f"{r['seconds'] / 60:.1f}", "precision": r.get("precision", "fp32"),
+    [{**r, "miou": f"{r['miou']:.2f}", "minutes": f"{r['seconds'] / 60:.1f}", "precision": precision(r),
       "commit": r.get("commit", "")} for r in sorted(runs, key=lambda r: (r["variant"], r["seed"]))],
     ["variant", "seed", "precision", "miou", "iterations", "minutes", "machine", "commit"])))
+by = {(r["variant"], r["seed"]): r["miou"] for r in runs}
+for variant in ("supervised", "full"):
+    for seed in sorted({s for v, s in by if v == variant}):
+        if (f"{variant}_bf16", seed) in by:
+            print(f"{variant}, seed {seed}: bf16 - fp32 = {by[(f'{variant}_bf16', seed)] - by[(variant, seed)]:+.2f} mIoU")
+    seeds = sorted(s for v, s in by if v == variant)
+    if len(seeds) > 1:
+        values = [by[(variant, s)] for s in seeds]
+        print(f"{variant}, fp32, seeds {seeds}: spread {max(values) - min(values):.2f} mIoU")
 
 # %% [markdown]
 # ## 5. Evaluation throughput
