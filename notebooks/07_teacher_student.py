@@ -185,9 +185,10 @@ plt.show()
 # ## Run: one iteration, traced
 #
 # We build a `Trainer`, run iteration 0 (it fills the memory bank), then trace iteration 1. The
-# randomness of a step depends only on (seed, iteration): `Trainer.step` draws its augmentations
-# from `seeded(seed, iteration, 7)`. So we can make the same weak view, pseudo-labels and strong
-# views ourselves, in the same order, and then let `Trainer.step` run the real iteration.
+# randomness of a step depends only on (seed, iteration): `Trainer.step` augments each sample with
+# its own generator, keyed on (seed, iteration, stream, the sample's place in the batch), from
+# `Trainer.generators`. So we can make the same weak view, pseudo-labels and strong views
+# ourselves, and then let `Trainer.step` run the real iteration.
 
 # %%
 trainer = Trainer(cfg, C, len(labeled), "cpu")
@@ -197,12 +198,12 @@ trainer.step(labeled_batches(0), unlabeled_batches(0))
 
 it = trainer.iteration
 labeled_batch, unlabeled_batch = labeled_batches(it), unlabeled_batches(it)
-generator = seeded(cfg.seed, it, 7)
 x_l, y_l, ids_l = labeled_batch
-x_la, y_la, _ = augment(x_l, y_l, None, WEAK, generator)                        # eq. (4) input x_l^a
+x_la, y_la, _ = augment(x_l, y_l, None, WEAK, trainer.generators(0, len(x_l)))  # eq. (4) input x_l^a
 x_u = unlabeled_batch[0]
 pseudo, conf = trainer.pseudo_labels(x_u)                                       # eq. (5), teacher
-views = [augment(x_u, pseudo, conf, STRONG, generator) for _ in range(cfg.num_views)]  # x_u^a, A = 2
+views = [augment(x_u, pseudo, conf, STRONG, trainer.generators(2 + a, len(x_u)))  # x_u^a, A = 2
+         for a in range(cfg.num_views)]
 print("labeled", tuple(x_l.shape), "| unlabeled", tuple(x_u.shape), "| pseudo-labels", tuple(pseudo.shape),
       f"| teacher confidence: mean {float(conf.mean()):.3f}, max {float(conf.max()):.3f} (1/C = {1 / C:.3f})")
 
@@ -254,7 +255,6 @@ teacher_before = {k: v.clone() for k, v in trainer.teacher.state_dict().items()}
 terms = trainer.step(labeled_batch, unlabeled_batch)
 teacher_after = {k: v.clone() for k, v in trainer.teacher.state_dict().items()}
 student_after = {k: v.clone() for k, v in trainer.student.state_dict().items()}
-step_generator_state = trainer.generator.get_state()
 print({k: round(v, 5) for k, v in terms.items()}, f"| tau = {tau:.6f}")
 
 names = [k for k in ("sup", "pseudo", "ent", "contr") if k in terms]
@@ -317,12 +317,14 @@ for k, xi_new in teacher_after.items():
 assert any(not torch.equal(teacher_after[k], teacher_before[k]) for k in teacher_before), "the teacher moved"
 print(f"eq. (2) holds for all {len(teacher_after)} tensors of the teacher (max relative error {max_rel:.1e})")
 
-# our replica of the step's randomness consumed exactly what Trainer.step consumed
-assert torch.equal(generator.get_state(), step_generator_state)
-# ... and augment is a function of the generator: the same seed gives the same views
-generator2 = seeded(cfg.seed, it, 7)
-x_la2, _, _ = augment(x_l, y_l, None, WEAK, generator2)
-views2 = [augment(x_u, pseudo, conf, STRONG, generator2) for _ in range(cfg.num_views)]
+# augment is a function of the per-sample generators, keyed on (seed, iteration, stream, sample):
+# the same keys give the same views, whatever else ran in between
+def keyed(stream, n):
+    return [seeded(cfg.seed, it, 7, stream, i) for i in range(n)]
+
+
+x_la2, _, _ = augment(x_l, y_l, None, WEAK, keyed(0, len(x_l)))
+views2 = [augment(x_u, pseudo, conf, STRONG, keyed(2 + a, len(x_u))) for a in range(cfg.num_views)]
 assert torch.equal(x_la2, x_la) and all(torch.equal(v2[0], v[0]) and torch.equal(v2[1], v[1]) for v2, v in zip(views2, views))
 # pseudo-labels are the argmax of the teacher (eq. 5), confidences its max probability
 assert pseudo.shape == x_u.shape[:1] + x_u.shape[2:] and (conf >= 1 / C - 1e-6).all() and (conf <= 1).all()

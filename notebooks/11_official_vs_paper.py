@@ -378,8 +378,8 @@ print(f"iterations with source images out of {T}: official {official_g.sum()}, o
 summary.append(("g", "iterations with GTA5 images (of 150K)", int(official_g.sum()), int(ours_g.sum())))
 
 assert official_g.sum() == 50 and official_g[: T - 100].sum() == 0
-assert "source_batch(it)" in inspect.getsource(semiseg.train.train)
-assert "batches(source, cfg.batch_labeled" in inspect.getsource(semiseg.train.train)  # same size as the target batch
+assert "source_batch(it)" in inspect.getsource(semiseg.train.setup)
+assert "make(source, cfg.batch_labeled" in inspect.getsource(semiseg.train.setup)  # same size as the target batch
 
 # %% [markdown]
 # ## (h) Split lists: indices into directory order vs sorted names

@@ -10,8 +10,11 @@
 # # Performance: what the contrastive module costs, bf16, and several GPUs
 #
 # The paper counts its contrastive module at **35.07 of 1151.19 GFLOPs** per training step
-# (§4.4: DeepLabv2-ResNet101 at 512 × 512, one labeled and one unlabeled image; 1151.19 =
-# 3 × 372.04 forward passes + 35.07). A module that small should cost about that share of the
+# (§4.4: DeepLabv2-ResNet101 at 512 × 512, one labeled and one unlabeled image): three forward
+# passes of 372.04 GFLOPs (the labeled predictions and the pseudo-labels among them) plus the module,
+#
+# $$1151.19 = \underbrace{3 \times 372.04}_{\text{forward passes}} + \underbrace{35.07}_{\text{contrastive module}}, \qquad \frac{35.07}{1151.19} = 3.05\,\%.$$
+# A module that small should cost about that share of the
 # step's *time* too. The official code does not get there: its memory bank is numpy, it loops over
 # classes in Python with a host synchronisation in each, computes class balancing on the CPU and
 # evaluates with a per-pixel loop.
@@ -160,8 +163,9 @@ assert method_syncs == {"semiseg/train.py:host_counts": 1, "semiseg/train.py:ste
 # %% [markdown]
 # ## 3. Vectorised eq. (8)–(11) against the per-class loop
 #
-# Because eq. (10) is linear in the cosine, the loss of a class is 1 − ⟨p̄_c, z̄_c⟩ with weighted
-# class means of unit vectors (see the contrastive-loss page). The class sums are one matrix
+# Because eq. (10) is linear in the cosine, the loss of a class is
+# $1 - \langle \bar p_c, \bar z_c \rangle$ with weighted class means of unit vectors (see the
+# contrastive-loss page). The class sums are one matrix
 # product with a [C+1, N] matrix of weights, and the hand-written backward writes the gradient
 # into a single N × D buffer, so nothing of size N × ψ (or N × D beyond the gradient itself) is
 # ever built. The loop reference of `semiseg.reference` builds each class's N_c × ψ cosine matrix.
