@@ -42,7 +42,8 @@ from semiseg.syncs import HostSyncs
 from semiseg.train import Trainer
 from semiseg.viz import show_source
 
-files = sorted(Path(bench_dir).glob("*.json"))
+root = Path(bench_dir) if Path(bench_dir).is_absolute() else results.BOOK.parent / bench_dir  # any working dir
+files = sorted(root.glob("*.json"))
 reports = {f.stem: json.loads(f.read_text()) for f in files}
 print("bench results found:", [f.name for f in files])
 
@@ -64,15 +65,20 @@ def where(report):
 # The targets are the issue's. *met* / *missed* is computed here from the measured value.
 
 # %%
+def short(part):
+    """'share, paper shape, fp32' from a part's name, setting and precision."""
+    setting = part.get("setting", "").split(":")[0].replace("camvid_quick", "CamVid profile")
+    return ", ".join(x for x in (part["part"], setting, part.get("precision", "")) if x)
+
+
 rows = []
 for name, report in reports.items():
     for part in report["parts"]:
         for key, value in part.get("ratios", {}).items():
-            rows.append({"file": name, "part": part["part"], "setting": part.get("setting", ""),
-                         "precision": part.get("precision", ""), "ratio": key, "value": f"{value:.3f}",
+            rows.append({"file": f"{name}.json", "measurement": short(part), "ratio": key, "value": f"{value:.3f}",
                          "target": report["targets"].get(key, "(reported)"),
                          "verdict": bench.verdict(key, value).split(": ")[-1] or "—"})
-display(Markdown(md_table(rows, ["file", "part", "setting", "precision", "ratio", "value", "target", "verdict"])))
+display(Markdown(md_table(rows, ["file", "measurement", "ratio", "value", "target", "verdict"])))
 for name, report in reports.items():
     print(f"{name}.json: {where(report)}\n  command: {report['command']}")
 
@@ -89,21 +95,22 @@ for name, report in reports.items():
 # diverge; with lr 0 the optimizer still does all its arithmetic).
 
 # %%
-share_rows = []
+# one column per measurement, one row per quantity
+columns = {}
 for name, report in reports.items():
     for part in report["parts"]:
         if part["part"] != "share":
             continue
         f, s = part["flops"], part["seconds"]
-        share_rows.append({
-            "file": name, "setting": part["setting"], "precision": part["precision"],
+        columns[f"{name}: {short(part).removeprefix('share, ')}"] = {
             "step GFLOP": f"{f['step'] / 1e9:.1f}", "step s": f"{s['step']:.3f}",
             "module-off step s": f"{s['step_module_off']:.3f}",
             "module GFLOP": f"{f['module'] / 1e9:.2f}", "module s": f"{s['module']:.4f}",
             "bank teacher fwd GFLOP": f"{f['bank_teacher_forward'] / 1e9:.1f}",
             "bank teacher fwd s": f"{s['bank_teacher_forward']:.3f}",
-            "FLOP share": f"{part['flop_share']:.2%}", "time share": f"{part['time_share']:.2%}"})
-display(Markdown(md_table(share_rows, list(share_rows[0]) if share_rows else ["file"])))
+            "module FLOP share": f"{part['flop_share']:.2%}", "module time share": f"{part['time_share']:.2%}"}
+quantities = next(iter(columns.values()), {})
+display(Markdown(md_table([{"": q, **{c: v[q] for c, v in columns.items()}} for q in quantities], ["", *columns])))
 
 # %%
 for name, report in reports.items():

@@ -72,6 +72,20 @@ def test_page(site, browser, page_path):
     assert not problems, problems
 
 
+@pytest.mark.parametrize("page_path", ["notebooks/09_results.html", "notebooks/12_performance.html"])
+def test_result_tables_are_tables_with_rows(site, browser, page_path):
+    """The results and performance pages print their tables as Markdown outputs: they must render
+    as HTML tables (not as lines of pipes) and hold the committed numbers."""
+    page = browser.new_page()
+    page.goto(f"{site}/{page_path}", wait_until="networkidle")
+    rows = page.eval_on_selector_all("main table tbody tr", "rows => rows.length")
+    text = page.inner_text("main")
+    page.close()
+    assert rows >= 3 and "|---|" not in text
+    if "performance" in page_path:
+        assert "cpu.json" in text and "cuda.json" in text and "met" in text
+
+
 def test_execution_cache_key_follows_the_package(tmp_path, monkeypatch):
     """The copied notebooks carry a hash of semiseg/: a package change changes their code, so
     Jupyter Book's cache (keyed on code cells) re-executes them."""
