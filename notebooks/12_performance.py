@@ -122,7 +122,7 @@ for name, report in reports.items():
 
 # %% [markdown]
 # Where the time goes on a GPU: at batch 1 + 1 the module is over a thousand tiny kernels (above),
-# so it is bound by launching them, not by its arithmetic. The largest share is the class-wise attention:
+# so it is bound by launching them, not by its arithmetic. The class-wise attention contributes
 # C modules, each a few small kernels on its class's segment, forward and backward, three times a
 # step. Its arithmetic is right (no C × FLOPs, no padding); its launch count is C × what a
 # grouped matrix product would need. That grouped version is the next step for this target.

@@ -195,7 +195,7 @@ def module_work(trainer, inputs):
     update without its teacher forward (bank features from the given ``feats``)."""
     feats, targets, x_la, y_la, ids = inputs
     feats = feats.detach().requires_grad_()
-    counts = trainer.host_counts(feats, targets, y_la)
+    counts = trainer.host_counts(feats, targets, y_la.shape[0])
     trainer.contrastive(feats, targets, counts).backward()
     bank_from = trainer.cfg.bank_from
     trainer.cfg.bank_from = "student"  # same FQF / ranking / FIFO work, no extra forward pass

@@ -61,11 +61,10 @@ def init(device_type):
     return info
 
 
-def shard(global_batch, info, key):
-    """This process's share of a global batch size; a size N does not divide is a one-line error."""
+def check_divisible(global_batch, info, key):
+    """A global batch size that the process count does not divide is a one-line error naming the key."""
     if global_batch % info.world:
         raise ValueError(f"config key '{key}' = {global_batch} is not divisible by the {info.world} processes")
-    return global_batch // info.world
 
 
 def all_gather_cat(tensor, info):

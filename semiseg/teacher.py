@@ -22,14 +22,13 @@ def ema_update(teacher, student, tau):
     *Choice*: floating-point buffers (BatchNorm running statistics) follow the same EMA;
     integer buffers (``num_batches_tracked``) are copied.
     """
-    xi, theta = list(teacher.parameters()), [p.detach() for p in student.parameters()]
-    floats = [(b_t, b_s) for b_t, b_s in zip(teacher.buffers(), student.buffers()) if b_t.is_floating_point()]
-    xi += [b_t for b_t, _ in floats]
-    theta += [b_s for _, b_s in floats]
-    # Eq. (2), as two multi-tensor kernels instead of two per parameter
+    buffers = list(zip(teacher.buffers(), student.buffers()))
+    xi = list(teacher.parameters()) + [b_t for b_t, _ in buffers if b_t.is_floating_point()]
+    theta = [p.detach() for p in student.parameters()] + [b_s for b_t, b_s in buffers if b_t.is_floating_point()]
+    # Eq. (2), as two multi-tensor kernels instead of two per tensor
     torch._foreach_mul_(xi, tau)
     torch._foreach_add_(xi, theta, alpha=1.0 - tau)
-    for b_t, b_s in zip(teacher.buffers(), student.buffers()):
+    for b_t, b_s in buffers:
         if not b_t.is_floating_point():
             b_t.copy_(b_s)
 

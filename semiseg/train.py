@@ -192,7 +192,7 @@ class Trainer:
             conf_u = torch.cat([v[2] for v in views])
             B_u = x_u.shape[0]
         self.class_counts += distributed.all_reduce_(class_counts.double(), self.dist)
-        terms, feats, counts = self.objective(inputs, targets, conf_u, x_la.shape[0], B_u, y_la[:n_target], semi, lam)
+        terms, feats, counts = self.objective(inputs, targets, conf_u, x_la.shape[0], B_u, n_target, semi, lam)
         # Eq. (1)
         loss = sum(lam[k] * v for k, v in terms.items())
         # the step's second (and last) host sync: all loss values at once, for the log and the NaN guard
@@ -213,7 +213,7 @@ class Trainer:
         self.iteration += 1
         return {**{k: values[k] for k in terms}, "loss": values["loss"]}
 
-    def student_terms(self, inputs, targets, conf_u, B_l, B_u, y_bank, semi, lam):
+    def student_terms(self, inputs, targets, conf_u, B_l, B_u, n_bank, semi, lam):
         """The student's forward pass and the terms of eq. (1) -> (terms, feats, attention counts)."""
         cfg = self.cfg
         logits, feats = self.forward(self.student, inputs)
@@ -233,7 +233,7 @@ class Trainer:
             if lam["ent"]:
                 # Eq. (7)
                 terms["ent"] = losses.entropy_loss(logits_up[B_l:])
-        counts = self.host_counts(feats, targets, y_bank) if cfg.lambda_contr else None
+        counts = self.host_counts(feats, targets, n_bank) if cfg.lambda_contr else None
         if lam["contr"]:
             terms["contr"] = self.contrastive(feats, targets, counts)
         return terms, feats, counts
@@ -245,17 +245,18 @@ class Trainer:
             return [t.to(self.device) for t in batch]
         return [t.pin_memory().to(self.device, non_blocking=True) for t in batch]
 
-    def host_counts(self, feats, targets, y_bank):
+    def host_counts(self, feats, targets, n_bank):
         """The step's one host synchronisation for the class-wise attention (issue #4).
 
         ``torch.split`` into class segments needs segment sizes on the host. All three attention
         calls of a step are known once the student has run, so their per-class counts come back in
         a single ``.tolist()``: ``pred`` (non-ignored student vectors, eq. 8), ``memory`` (valid bank
-        slots) and ``bank`` (the labeled vectors the bank update ranks, ignore counted as class 0).
+        slots) and ``bank`` (the vectors of the first ``n_bank`` images, the labeled target images
+        the bank update ranks; ignore counted as class 0).
         """
         C = self.C
-        _, vec_labels, _ = pixels_to_vectors(feats, targets)
-        _, bank_labels, _ = pixels_to_vectors(feats, y_bank)
+        _, vec_labels, labels_small = pixels_to_vectors(feats, targets)
+        bank_labels = labels_small[:n_bank].reshape(-1)
         host = torch.cat([losses.class_histogram(vec_labels.clamp(max=C), C + 1)[:C], self.bank.count,
                           losses.class_histogram(torch.where(bank_labels == 255, 0, bank_labels), C)]).tolist()
         return {"pred": host[:C], "memory": host[C:2 * C], "bank": host[2 * C:]}
@@ -394,7 +395,7 @@ def setup(cfg: Config, info=None, run_dir=None, resume=False):
     if device == "cuda" and info.enabled:
         device = f"cuda:{info.local_rank}"
     for key in ("batch_labeled", "batch_unlabeled"):
-        distributed.shard(getattr(cfg, key), info, key)
+        distributed.check_divisible(getattr(cfg, key), info, key)
     labeled, unlabeled, source = build_train_data(cfg)
     val = build_eval_dataset(cfg)
     trainer = Trainer(cfg, labeled.num_classes, len(labeled), device, info)

@@ -74,7 +74,8 @@ class Batches:
         return range(self.rank * self.share, (self.rank + 1) * self.share)
 
     def __call__(self, iteration):
-        indices = self.indices(iteration)[self.rank * self.share: (self.rank + 1) * self.share]
+        slots = self.slots()
+        indices = self.indices(iteration)[slots.start:slots.stop]
         crops = [load_crop(self.dataset, i, self.base_size, self.crop_size, seeded(self.seed, iteration, slot))
-                 for slot, i in zip(self.slots(), indices)]
+                 for slot, i in zip(slots, indices)]
         return torch.stack([c[0] for c in crops]), torch.stack([c[1] for c in crops]), torch.tensor(indices)

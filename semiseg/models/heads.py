@@ -76,8 +76,9 @@ class ClassAttention(nn.Module):
     concatenate and un-permute. Every vector is computed once, by its own module: no C x
     arithmetic and no padding. ``torch.split`` needs the segment sizes on the host, so a
     caller that knows them passes ``counts`` (the trainer reads the counts of all three calls
-    of a step in one synchronisation); without it they are counted here (one sync per call). BatchNorm statistics are therefore
-    computed per class segment (as if each S_c were called on its own batch).
+    of a step in one synchronisation); without it they are counted here (one sync per call).
+    BatchNorm statistics are therefore computed per class segment (as if each S_c were
+    called on its own batch).
     A segment containing a single vector in training mode uses the BN running
     statistics (``F.batch_norm(training=False)``) since batch statistics of one sample
     are undefined. Empty input returns an empty tensor.
