@@ -258,9 +258,10 @@ assert ((scores >= 0) & (scores <= 1)).all()
 # 5. the encoder holds the offline ImageNet weights
 shipped = torch.load(efficientnet_lite0_weights_path(), map_location="cpu")
 assert torch.equal(model.backbone._conv_stem.weight, shipped["_conv_stem.weight"])
-# 6. parameter counts add up, and the optimiser groups split backbone (lr) from new layers (10 lr)
+# 6. parameter counts add up, and the optimiser groups split backbone (lr) from new layers
+# (head_lr_mult x lr; the paper and the official optimizer use one rate, head_lr_mult = 1)
 assert sum(n for _, n in rows) == total
-groups = model.param_groups(0.01)
+groups = model.param_groups(0.01, head_lr_mult=10)
 assert [g["lr"] for g in groups] == [0.01, 0.1]
 assert sum(p.numel() for g in groups for p in g["params"]) == total
 assert sum(p.numel() for p in groups[0]["params"]) == count(model.backbone)

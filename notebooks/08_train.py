@@ -14,7 +14,8 @@
 # JupyterLab, or from the command line:
 #
 # ```bash
-# papermill notebooks/08_train.ipynb out.ipynb -p variant supervised -p seed 1
+# jupytext --to ipynb -o /tmp/08_train.ipynb notebooks/08_train.py   # the .py is the source
+# papermill /tmp/08_train.ipynb out.ipynb -p variant supervised -p seed 1
 # ```
 #
 # A run writes `config.yaml` (every setting, resolved), `metrics.jsonl` (loss terms every
@@ -40,34 +41,35 @@ import json
 
 import matplotlib.pyplot as plt
 
-from semiseg.compare import VARIANTS
 from semiseg.config import load_config
 from semiseg.train import train
 
-settings = {**VARIANTS.get(variant, {}), "dataset": dataset, "ratio": ratio, "split": split, "variant": variant, "seed": seed}
+settings = {"dataset": dataset, "ratio": ratio, "split": split, "variant": variant, "seed": seed}
 settings.update(dict(item.split("=", 1) for item in overrides.split()))  # e.g. "lambda_contr=1 psi=64"
 if smoke:
     profile = "smoke"
-    settings.update({"dataset": "tiny", "ratio": "1/4"})
+    settings.update({"dataset": "tiny", "ratio": "1/1" if ratio == "1/1" else "1/4"})
 cfg = load_config(profile, settings)
 if out_dir:
     cfg.out_dir = out_dir
 print(f"profile {cfg.profile}: {cfg.arch}, {cfg.iterations} iterations, run dir {cfg.run_dir()}")
 
 # %% [markdown]
-# A variant is a named set of overrides (`semiseg.compare.VARIANTS`): `supervised` sets
+# A variant is a named set of overrides (`semiseg.config.VARIANTS`, applied by `load_config`
+# wherever `variant=` is given): `supervised` sets
 # $\lambda_{pseudo} = \lambda_{ent} = \lambda_{contr} = 0$; `full` keeps the paper's
 # $\lambda_{sup}=1, \lambda_{pseudo}=1, \lambda_{ent}=0.01, \lambda_{contr}=0.1$. The
 # `overrides` parameter adds any other setting, e.g. `"lambda_contr=1"` for Table 6.
 
 # %%
 summary_path = cfg.run_dir() / "summary.json"
-if summary_path.exists() and not resume:
+if summary_path.exists():
     print(f"{summary_path} exists: showing the finished run")
     summary = json.loads(summary_path.read_text())
 else:
     summary = train(cfg, progress=True, resume=resume)
-print(json.dumps({k: summary[k] for k in ("variant", "seed", "miou", "iterations", "seconds")}))
+keys = ("variant", "seed", "scored_on", "miou", "val_miou", "teacher_miou", "iterations", "seconds")
+print(json.dumps({k: summary.get(k) for k in keys}))
 
 # %% [markdown]
 # ## Curves

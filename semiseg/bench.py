@@ -429,6 +429,10 @@ def report(result):
         if part["part"] == "eval":
             lines.append(f"  {part['images']} images at {part['eval_size']} in {part['seconds']:.1f} s: "
                          f"{part['images_per_second']:.2f} images/s ({part['data']})")
+        if part["part"] == "throughput":
+            for row in part["rows"]:
+                lines.append(f"  {row['option']:<20} {row['iterations_per_hour']:>7} iterations/hour  "
+                             f"x{row['speedup']:.2f}  (seconds per {row['iterations']} iterations: {row['seconds']})")
         for key, value in part.get("ratios", {}).items():
             lines.append(f"  {key} = {value:.3f}  {verdict(key, value)}")
     return "\n".join(lines)
@@ -437,7 +441,7 @@ def report(result):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m semiseg.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--parts", nargs="+", default=["share", "loss", "precision", "eval"],
-                        choices=["share", "loss", "precision", "eval", "syncs"])
+                        choices=["share", "loss", "precision", "eval", "syncs", "throughput"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precisions", nargs="+", default=["fp32"], choices=["fp32", "bf16"],
                         help="for the share and loss parts")
@@ -450,6 +454,8 @@ def main(argv=None):
     parser.add_argument("--precision-arch", default=None,
                         help="network of the precision part (default: the CamVid profile's; random weights otherwise)")
     parser.add_argument("--eval-limit", type=int, default=None, help="evaluate only the first N val images")
+    parser.add_argument("--throughput-iterations", type=int, default=30, help="timed iterations per throughput option")
+    parser.add_argument("--throughput-options", nargs="+", default=None, help="throughput options (default: all)")
     parser.add_argument("--out", default=None, help="JSON output (default book/results/bench/<device>.json)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -481,6 +487,11 @@ def main(argv=None):
             result["parts"].append({"part": "eval", **eval_part(device, args.eval_limit)})
         elif part == "syncs":
             result["parts"].append({"part": "syncs", **syncs_part(device, args.paper_size, args.paper_arch)})
+        elif part == "throughput":
+            from .throughput import throughput_part
+
+            result["parts"].append({"part": "throughput", "device": "cpu",
+                                    **throughput_part(args.throughput_iterations, options=args.throughput_options)})
         print(report({**result, "parts": result["parts"][-1:]}).split("\n", 1)[1], flush=True)
     out = Path(args.out or f"book/results/bench/{device.type}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

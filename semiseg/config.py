@@ -32,6 +32,7 @@ class Config:
     base_size: list[int] | None = None  # [W, H] images are resized to before cropping
     crop_size: list[int] = field(default_factory=lambda: [512, 512])  # [W, H]
     eval_size: list[int] | None = None  # [W, H] network input at evaluation (None: native)
+    test_split: str | None = None      # also score this split at the end; it is then the headline
     # Semi-supervised domain adaptation (§4.3.2): an extra labeled source domain X_d.
     source_dataset: str | None = None
     source_sequences: list[str] | None = None  # CamVid only: sequences used as source
@@ -47,6 +48,7 @@ class Config:
     momentum: float = 0.9
     weight_decay: float = 5e-4        # choice: the paper does not state it
     poly_power: float = 0.9           # choice: the usual DeepLab poly exponent
+    head_lr_mult: float = 1.0         # new layers at this x lr; paper and official code: one rate (1)
     # --- eq. (1) loss weights and their warm-up -------------------------------------------
     lambda_sup: float = 1.0
     lambda_pseudo: float = 1.0
@@ -64,13 +66,14 @@ class Config:
     # --- ablation switches (Tables 5-8) ---------------------------------------------------
     bank_from: str = "teacher"        # teacher | student: who fills the memory bank
     attention: bool = True            # S_c weighting in eq. (8); off: all weights 1
+    attention_detach: bool = True     # S_c,theta sees p.detach() (official code; paper silent)
     fqf: bool = True                  # Feature Quality Filter for the bank update
     # --- run ------------------------------------------------------------------------------
-    variant: str = "full"             # full | supervised (label of the run)
+    variant: str = "full"             # a name in VARIANTS: applies its overrides (see below)
     profile: str = "paper"
     seed: int = 0
     eval_with: str = "student"        # student (paper, §4.2) | teacher
-    eval_every: int = 0               # 0: evaluate only at the end
+    eval_every: int = 0               # also score student and teacher on val every N iterations
     log_every: int = 10
     device: str = "auto"              # auto | cpu | cuda
     threads: int = 0                  # torch.set_num_threads; 0 = leave as is
@@ -79,6 +82,8 @@ class Config:
     deterministic: bool = False       # torch.use_deterministic_algorithms (exact resume on GPU)
     precision: str = "fp32"           # fp32 | bf16 (autocast of the forward passes)
     channels_last: bool = False       # NHWC memory format for the convolutions
+    compile: bool = False             # torch.compile the networks' forward passes
+    cache_images: bool = False        # keep decoded, resized training images in memory (same numbers)
     sync_bn: bool = False             # torchrun with several CUDA processes: SyncBatchNorm in the network
     out_dir: str | None = None        # default: runs/<dataset>/<ratio>/split<k>/<variant>/seed<k>
 
@@ -102,6 +107,10 @@ class Config:
             ("tau_start", 0.0 <= self.tau_start <= 1.0, "must be in [0, 1]"),
             ("tau_end", 0.0 <= self.tau_end <= 1.0, "must be in [0, 1]"),
             ("warmup_frac", 0.0 <= self.warmup_frac < 1.0, "must be in [0, 1)"),
+            ("head_lr_mult", self.head_lr_mult > 0, "must be > 0"),
+            ("eval_every", self.eval_every >= 0, "must be >= 0"),
+            ("variant", self.variant in VARIANTS or "=" in self.variant,
+             f"is not a known variant ({', '.join(sorted(VARIANTS))}) nor of the form key=value"),
         ]
         for name in ("lambda_sup", "lambda_pseudo", "lambda_ent", "lambda_contr", "lr", "weight_decay"):
             checks.append((name, getattr(self, name) >= 0, "must be >= 0"))
@@ -115,6 +124,49 @@ class Config:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+# Variant name -> the overrides it stands for. ``variant=X`` applies X's overrides on top of the
+# profile; explicit overrides still win. A variant written ``key=value`` (the reproduction grids of
+# Tables 6-7, e.g. ``psi=64``) stands for that one override.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "full": {},                                                                   # eq. (1), all four terms
+    "supervised": {"lambda_pseudo": 0.0, "lambda_ent": 0.0, "lambda_contr": 0.0},  # L_sup only
+    "no_contr": {"lambda_contr": 0.0},                                            # everything but the bank's loss
+    # §4.3.2 demo (profile camvid_da_quick): with the labeled source domain, and without it
+    "da_full": {},
+    "da_target_only": {"source_dataset": None, "source_sequences": None},
+    # issue #4: the same comparison under bf16 autocast + channels_last
+    "full_bf16": {"precision": "bf16", "channels_last": True},
+    "supervised_bf16": {"lambda_pseudo": 0.0, "lambda_ent": 0.0, "lambda_contr": 0.0, "precision": "bf16",
+                        "channels_last": True},
+    # Table 5: the loss terms of eq. (1)
+    "sup": {"lambda_pseudo": 0.0, "lambda_ent": 0.0, "lambda_contr": 0.0},
+    "sup+pseudo": {"lambda_ent": 0.0, "lambda_contr": 0.0},
+    "sup+ent": {"lambda_pseudo": 0.0, "lambda_contr": 0.0},
+    "sup+contr": {"lambda_pseudo": 0.0, "lambda_ent": 0.0},
+    "sup+pseudo+ent": {"lambda_contr": 0.0},
+    "sup+pseudo+contr": {"lambda_ent": 0.0},
+    "sup+ent+contr": {"lambda_pseudo": 0.0},
+    "sup+pseudo+ent+contr": {},
+    # Table 8: the bank's components
+    "base": {"bank_from": "student", "attention": False, "fqf": False},
+    "base+teacher": {"attention": False, "fqf": False},
+    "base+attention": {"bank_from": "student", "fqf": False},
+    "base+fqf": {"bank_from": "student", "attention": False},
+    "all": {},
+}
+
+
+def variant_overrides(variant: str) -> dict[str, Any]:
+    """The overrides a variant name stands for; an unknown name is a one-line error."""
+    if variant in VARIANTS:
+        return dict(VARIANTS[variant])
+    if "=" in variant:
+        key, value = _split_override(variant)
+        return {key: value}
+    close = difflib.get_close_matches(variant, VARIANTS, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise KeyError(f"config key 'variant': unknown variant {variant!r}{hint}; known: {', '.join(VARIANTS)}")
 
 
 def _coerce(key: str, value: Any, where: str) -> Any:
@@ -146,7 +198,12 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | di
     cfg = Config()
     for key, value in values.items():
         setattr(cfg, key, _coerce(key, value, str(path)))
-    items = overrides.items() if isinstance(overrides, dict) else [_split_override(o) for o in overrides or []]
+    items = list(overrides.items() if isinstance(overrides, dict) else [_split_override(o) for o in overrides or []])
+    for key, value in items:  # first pass: find the variant (and check every key)
+        setattr(cfg, key, _coerce(key, value, "override"))
+    # defaults < profile < the variant's overrides < explicit overrides
+    for key, value in variant_overrides(cfg.variant).items():
+        setattr(cfg, key, _coerce(key, value, f"variant {cfg.variant!r}"))
     for key, value in items:
         setattr(cfg, key, _coerce(key, value, "override"))
     return cfg.validate()

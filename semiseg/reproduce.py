@@ -2,6 +2,14 @@
 
 ``python -m semiseg.reproduce GRID --profile {smoke,quick,paper} --seeds 0 1 2 [--splits 0]``
 
+``python -m semiseg.reproduce camvid --splits 0 1 2 --jobs 2`` is the reproduction grid of issue #9:
+CamVid 1/16 and 1/8 x {supervised, no_contr, full} on splits 0-2 with seed = split, plus the
+fully supervised ceiling (ratio 1/1) with seeds 0-2: 21 runs. ``--jobs 2`` trains two runs side by
+side with one thread each (the fastest use of 2 cores, ``python -m semiseg.bench --parts
+throughput``); ``--results DIR`` writes the runs under DIR instead of ``book/results`` (a grid run
+from a ``git worktree`` of one commit writes into the main checkout); ``--set key=value`` adds an
+override to every run. Unfinished runs resume from their newest checkpoint.
+
 Each run is ``notebooks/08_train.py`` executed with its parameters; the executed notebook
 (``train.ipynb``, not committed) and the run's ``summary.json`` land in
 ``book/results/<dataset>/<ratio>/split<k>/<variant>/seed<k>/`` (the ``smoke`` profile writes
@@ -13,51 +21,60 @@ still run. Executed notebooks are written to a temp file and renamed.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import os
 import sys
+import threading
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "08_train.py"
 
-# Grid name -> list of (variant name, overrides) — the paper's ablation tables.
-_LOSSES = {"sup": "lambda_pseudo=0 lambda_ent=0 lambda_contr=0", "sup+pseudo": "lambda_ent=0 lambda_contr=0",
-           "sup+ent": "lambda_pseudo=0 lambda_contr=0", "sup+contr": "lambda_pseudo=0 lambda_ent=0",
-           "sup+pseudo+ent": "lambda_contr=0", "sup+pseudo+contr": "lambda_ent=0", "sup+ent+contr": "lambda_pseudo=0",
-           "sup+pseudo+ent+contr": ""}
-_COMPONENTS = {"base": "bank_from=student attention=false fqf=false", "base+teacher": "attention=false fqf=false",
-               "base+attention": "bank_from=student fqf=false", "base+fqf": "bank_from=student attention=false",
-               "all": ""}
+# Grid name -> list of (variant name, extra overrides[, ratio]). Variant names are those of
+# semiseg.config.VARIANTS (or key=value), whose overrides load_config applies.
+_LOSSES = ["sup", "sup+pseudo", "sup+ent", "sup+contr", "sup+pseudo+ent", "sup+pseudo+contr", "sup+ent+contr",
+           "sup+pseudo+ent+contr"]
+_COMPONENTS = ["base", "base+teacher", "base+attention", "base+fqf", "all"]
 GRIDS = {
     "headline": [("supervised", ""), ("full", "")],
-    "table5": list(_LOSSES.items()),
-    "table6": [(f"lambda_contr={v}", f"lambda_contr={v}") for v in ("1e4", "1e2", "1e1", "1e0", "1e-1", "1e-2", "1e-4")],
-    "table7": [(f"psi={v}", f"psi={v}") for v in (32, 64, 128, 256, 512)],
-    "table8": list(_COMPONENTS.items()),
+    "table5": [(v, "") for v in _LOSSES],
+    "table6": [(f"lambda_contr={v}", "") for v in ("1e4", "1e2", "1e1", "1e0", "1e-1", "1e-2", "1e-4")],
+    "table7": [(f"psi={v}", "") for v in (32, 64, 128, 256, 512)],
+    "table8": [(v, "") for v in _COMPONENTS],
     "da": [("da_target_only", ""), ("da_full", "")],
+    # issue #9: does the memory bank help? two label ratios, three variants, and the ceiling
+    "camvid": [(v, "", r) for r in ("1/16", "1/8") for v in ("supervised", "no_contr", "full")]
+    + [("supervised", "", "1/1")],
 }
+SEED_IS_SPLIT = {"camvid"}  # the paper averages three splits: seed k trains split k
 PROFILES = {  # (--profile, grid) -> config profile
     "smoke": "smoke", "quick": "camvid_quick", "paper": "paper_cityscapes_dlv2",
 }
 DA_PROFILES = {"smoke": "smoke", "quick": "camvid_da_quick", "paper": "paper_gta5_cityscapes_dlv2"}
 
 
-def plan(grid, profile, seeds, splits):
+def plan(grid, profile, seeds, splits, results=None, extra=""):
     """The runs of a grid: dicts of notebook parameters, each with its output folder."""
     from .config import load_config
 
     config = (DA_PROFILES if grid == "da" else PROFILES)[profile]
     runs = []
-    for split in splits:
-        for seed in seeds:
-            for variant, overrides in GRIDS[grid]:
-                cfg = load_config(config, {"split": split, "seed": seed})
-                ratio = cfg.ratio.replace("/", "-")
-                base = Path(os.environ.get("SEMISEG_SMOKE_RUNS", ROOT / "runs" / "smoke")) if profile == "smoke" else ROOT / "book" / "results"
-                out = base / cfg.dataset / ratio / f"split{split}" / variant / f"seed{seed}"
-                runs.append({"profile": config, "dataset": cfg.dataset, "ratio": cfg.ratio, "split": split,
-                             "variant": variant, "seed": seed, "overrides": overrides, "out_dir": str(out),
-                             "smoke": profile == "smoke"})
+    pairs = [(k, k) for k in splits] if grid in SEED_IS_SPLIT else [(split, seed) for split in splits for seed in seeds]
+    for split, seed in pairs:
+        for variant, overrides, *ratio in GRIDS[grid]:
+            settings = {"split": split, "seed": seed, "variant": variant, **({"ratio": ratio[0]} if ratio else {})}
+            if profile == "smoke":
+                settings.update({"dataset": "tiny", "ratio": "1/1" if ratio and ratio[0] == "1/1" else "1/4"})
+            cfg = load_config(config, settings)
+            overrides = " ".join(o for o in (overrides, extra) if o)
+            if profile == "smoke":
+                base = Path(os.environ.get("SEMISEG_SMOKE_RUNS", ROOT / "runs" / "smoke"))
+            else:
+                base = Path(results) if results else ROOT / "book" / "results"
+            out = base / cfg.dataset / cfg.ratio.replace("/", "-") / f"split{split}" / variant / f"seed{seed}"
+            runs.append({"profile": config, "dataset": cfg.dataset, "ratio": cfg.ratio, "split": split,
+                         "variant": variant, "seed": seed, "overrides": overrides, "out_dir": str(out),
+                         "smoke": profile == "smoke", "resume": True})
     return runs
 
 
@@ -90,20 +107,37 @@ def main(argv=None):
     parser.add_argument("--profile", choices=sorted(PROFILES), default="quick")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--splits", nargs="+", type=int, default=[0])
+    parser.add_argument("--jobs", type=int, default=1, help="runs trained side by side (threads = cores / jobs each)")
+    parser.add_argument("--results", default=None, help="folder for the runs (default book/results)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every run")
     args = parser.parse_args(argv)
-    runs = plan(args.grid, args.profile, args.seeds, args.splits)
-    failures, skipped = [], 0
+    extra = list(args.set)
+    if args.jobs > 1 and not any(o.startswith("threads=") for o in extra):
+        extra.append(f"threads={max(1, (os.cpu_count() or 1) // args.jobs)}")
+    runs = plan(args.grid, args.profile, args.seeds, args.splits, args.results, " ".join(extra))
+    failures, skipped, lock = [], 0, threading.Lock()
+    todo = []
     for i, params in enumerate(runs, 1):
-        name = f"[{i}/{len(runs)}] {params['variant']} seed{params['seed']} split{params['split']}"
+        name = f"[{i}/{len(runs)}] {params['ratio']} {params['variant']} seed{params['seed']} split{params['split']}"
         if (Path(params["out_dir"]) / "summary.json").exists():
             print(f"{name}: finished before, skipped")
             skipped += 1
-            continue
+        else:
+            todo.append((name, params))
+
+    def one(item):
+        name, params = item
         print(f"{name}: running -> {params['out_dir']}", flush=True)
         failure = execute(params)
-        if failure:
-            print(f"{name}: FAILED {failure}", flush=True)
-            failures.append(failure)
+        with lock:
+            if failure:
+                print(f"{name}: FAILED {failure}", flush=True)
+                failures.append(failure)
+            else:
+                print(f"{name}: finished", flush=True)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        list(pool.map(one, todo))
     print(f"{len(runs) - skipped - len(failures)} ran, {skipped} skipped, {len(failures)} failed")
     for failure in failures:
         print(f"failed: {failure}")

@@ -11,7 +11,7 @@ import argparse
 import inspect
 import json
 import math
-import os
+import platform
 import random
 import sys
 import time
@@ -42,6 +42,8 @@ def build_train_data(cfg: Config):
         names = full.names
         n = max(1, math.ceil(len(names) / int(cfg.ratio.split("/")[1])))
         labeled, unlabeled = names[:n], names[n:]
+    elif cfg.ratio == "1/1":  # the fully supervised ceiling: every training image labeled
+        labeled, unlabeled = list(full.names), []
     else:
         labeled, unlabeled = read_split(cfg.dataset, cfg.ratio, cfg.split)
     source = None
@@ -56,16 +58,33 @@ def build_train_data(cfg: Config):
         source = src
     if not labeled:
         raise ValueError(f"the labeled split of {cfg.dataset} {cfg.ratio} split{cfg.split} is empty")
+    if not unlabeled and (cfg.lambda_pseudo or cfg.lambda_ent) and not cfg.source_dataset:
+        # a semi-supervised variant with nothing unlabeled would silently train supervised-only
+        raise ValueError(f"variant {cfg.variant!r} needs unlabeled images, but {cfg.dataset} ratio {cfg.ratio} "
+                         f"split{cfg.split} has none (use variant=supervised)")
     return full.subset(labeled), full.subset(unlabeled), source
 
 
 def build_eval_dataset(cfg: Config, split="val"):
-    """The validation set; with ``target_sequences`` (domain adaptation) the target's unlabeled
-    training images instead, scored with their labels (transductive: CamVid's val set holds no
-    dusk images, so this is the only target data we have; a documented choice)."""
-    if cfg.target_sequences and split == "val":
-        return build_train_data(cfg)[1]
-    return build_dataset(cfg.dataset, split, cfg.data_root)
+    """The images of ``split`` a run is scored on.
+
+    With ``target_sequences`` (domain adaptation) only the target's frames of that split, when it
+    has any: CamVid's test split holds 62 frames of the dusk sequence 0001TP, so the demo is scored
+    inductively on frames never trained on. CamVid's val split holds none, so val stays whole (a
+    documented choice: val is only used to choose settings).
+    """
+    dataset = build_dataset(cfg.dataset, split, cfg.data_root)
+    if cfg.target_sequences:
+        keep = tuple(s + "_" for s in cfg.target_sequences)
+        target = [n for n in dataset.names if n.startswith(keep)]
+        if target:
+            dataset = dataset.subset(target)
+    return dataset
+
+
+def eval_splits(cfg: Config):
+    """The splits a finished run is scored on: ``test_split`` first (the headline) when set, then val."""
+    return [cfg.test_split, "val"] if cfg.test_split and cfg.test_split != "val" else ["val"]
 
 
 # ----------------------------------------------------------------------------- the step
@@ -107,6 +126,8 @@ class Trainer:
         if cfg.channels_last:
             self.student = self.student.to(memory_format=torch.channels_last)
         self.teacher = make_teacher(self.student)
+        # torch.compile'd forward passes share the networks' parameters (the state dicts are unchanged)
+        self.compiled = ({id(net): torch.compile(net) for net in (self.student, self.teacher)} if cfg.compile else {})
         # the student-side computation of a step (eq. 1's terms), wrapped in DDP with several processes
         self.objective = _Objective(self)
         if self.dist.enabled:
@@ -119,7 +140,7 @@ class Trainer:
                 self.objective, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=True,  # attention modules of classes absent from a batch
                 **buffers)
-        self.optimizer = torch.optim.SGD(self.student.param_groups(cfg.lr), lr=cfg.lr, momentum=cfg.momentum,
+        self.optimizer = torch.optim.SGD(self.student.param_groups(cfg.lr, cfg.head_lr_mult), lr=cfg.lr, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay)
         for group in self.optimizer.param_groups:
             group["initial_lr"] = group["lr"]
@@ -148,7 +169,7 @@ class Trainer:
         if self.cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16"):
-            logits, feats = net(x)
+            logits, feats = self.compiled.get(id(net), net)(x)
         return logits.float(), feats.float()
 
     @torch.no_grad()
@@ -181,9 +202,11 @@ class Trainer:
             x_la, y_la = torch.cat([x_la, x_sa]), torch.cat([y_la, y_sa])
         class_counts = losses.class_histogram(y_la.clamp(max=self.C), self.C + 1)[: self.C]  # 255 -> bin C
         inputs, targets, conf_u, B_u = x_la, y_la, None, 0
+        stats = {}
         if semi:
-            x_u = self.to_device(unlabeled[:1])[0]
+            x_u, y_u = self.to_device(unlabeled[:2])
             pseudo, conf = self.pseudo_labels(x_u)
+            stats = self.pseudo_stats(pseudo, conf, y_u)
             class_counts = class_counts + losses.class_histogram(pseudo, self.C)
             # Eq. (6)-(7): A strong views; their geometry is applied to pseudo-labels and confidences too
             views = [augment(x_u, pseudo, conf, STRONG, self.generators(2 + a, x_u.shape[0])) for a in range(cfg.num_views)]
@@ -196,8 +219,8 @@ class Trainer:
         # Eq. (1)
         loss = sum(lam[k] * v for k, v in terms.items())
         # the step's second (and last) host sync: all loss values at once, for the log and the NaN guard
-        values = torch.stack([loss.detach(), *(v.detach() for v in terms.values())])
-        values = dict(zip(["loss", *terms], distributed.all_reduce_(values, self.dist, mean=True).tolist()))
+        values = torch.stack([loss.detach(), *(v.detach() for v in terms.values()), *stats.values()])
+        values = dict(zip(["loss", *terms, *stats], distributed.all_reduce_(values, self.dist, mean=True).tolist()))
         if not math.isfinite(values["loss"]):
             bad = [k for k in terms if not math.isfinite(values[k])]
             raise FloatingPointError(f"non-finite loss at iteration {self.iteration}: term(s) {bad or ['total']}")
@@ -211,7 +234,20 @@ class Trainer:
         if cfg.lambda_contr:
             self.update_bank(x_la[:n_target], y_la[:n_target], ids_l, feats[:n_target], counts)
         self.iteration += 1
-        return {**{k: values[k] for k in terms}, "loss": values["loss"]}
+        return {**{k: values[k] for k in terms}, "loss": values["loss"], **{k: values[k] for k in stats}}
+
+    @torch.no_grad()
+    def pseudo_stats(self, pseudo, conf, labels):
+        """Diagnostics of eq. (5)'s pseudo-labels against the true labels of the unlabeled images
+        (read for the log only, never for training): ``pseudo_acc`` (pixel accuracy),
+        ``pseudo_beta`` (mean pixel weight beta = confidence ** s of L_pseudo) and
+        ``pseudo_acc_beta`` (accuracy weighted by beta)."""
+        valid = (labels != 255).float()
+        correct = (pseudo == labels).float() * valid
+        beta = conf ** self.cfg.sharpen
+        n = valid.sum().clamp(min=1)
+        return {"pseudo_acc": correct.sum() / n, "pseudo_beta": (beta * valid).sum() / n,
+                "pseudo_acc_beta": (beta * correct).sum() / (beta * valid).sum().clamp(min=1e-12)}
 
     def student_terms(self, inputs, targets, conf_u, B_l, B_u, n_bank, semi, lam):
         """The student's forward pass and the terms of eq. (1) -> (terms, feats, attention counts)."""
@@ -274,7 +310,10 @@ class Trainer:
         pred = model.prediction(model.projection(vectors))  # P = q(g(V))
         slot_valid = torch.arange(self.cfg.psi, device=self.device)[None] < self.bank.count[:, None]  # [C, psi]
         if self.cfg.attention:
-            pred_scores = model.attention_pred(pred, vec_labels, counts["pred"])  # S_c,theta(p)
+            # S_c,theta(p); with attention_detach (the official code's choice, the paper is silent)
+            # L_contr cannot move p towards where the attention is low, only train S_c itself
+            seen = pred.detach() if self.cfg.attention_detach else pred
+            pred_scores = model.attention_pred(seen, vec_labels, counts["pred"])
             slots = first_true(slot_valid.reshape(-1), sum(counts["memory"]))  # class-major: sorted by class
             memory = self.bank.memory.reshape(-1, self.bank.dim)[slots]
             scores = model.attention_proj(memory, torch.div(slots, self.cfg.psi, rounding_mode="floor"), counts["memory"])
@@ -397,8 +436,14 @@ def setup(cfg: Config, info=None, run_dir=None, resume=False):
     for key in ("batch_labeled", "batch_unlabeled"):
         distributed.check_divisible(getattr(cfg, key), info, key)
     labeled, unlabeled, source = build_train_data(cfg)
-    val = build_eval_dataset(cfg)
+    # every split the run will be scored on is found now, not after hours of training
+    eval_sets = {split: build_eval_dataset(cfg, split) for split in eval_splits(cfg)}
+    for split, dataset in eval_sets.items():
+        if len(dataset) == 0:
+            raise ValueError(f"the {split} split of {cfg.dataset} has no images to score the run on")
+    val = eval_sets["val"]
     trainer = Trainer(cfg, labeled.num_classes, len(labeled), device, info)
+    trainer.eval_sets = eval_sets
     state, path = newest_valid_checkpoint(run_dir) if resume else (None, None)
     trainer.seconds = 0.0
     if state is not None:
@@ -411,7 +456,8 @@ def setup(cfg: Config, info=None, run_dir=None, resume=False):
         print(f"no valid checkpoint in {run_dir}; starting from iteration 0")
 
     def make(ds, size, stream):
-        return Batches(ds, size, cfg.base_size, cfg.crop_size, seeded(cfg.seed, stream).initial_seed(), info.rank, info.world)
+        return Batches(ds, size, cfg.base_size, cfg.crop_size, seeded(cfg.seed, stream).initial_seed(), info.rank, info.world,
+                       cache=cfg.cache_images)
 
     labeled_batch = make(labeled, cfg.batch_labeled, 1)
     semi = cfg.lambda_pseudo or cfg.lambda_ent or cfg.lambda_contr
@@ -465,18 +511,24 @@ def train(cfg: Config, progress=True, overwrite=False, resume=False):
                 bar.set_postfix({k: f"{v:.3f}" for k, v in terms.items()})
             record = None
             if (it + 1) % cfg.log_every == 0 or it + 1 == cfg.iterations:
+                fill = (trainer.bank.count.float() / cfg.psi).tolist()
                 record = {"iteration": it + 1, **terms, "lr": trainer.optimizer.param_groups[0]["lr"],
-                          "bank_fill": float(trainer.bank.count.float().mean() / cfg.psi), "seconds": round(time.time() - start, 2)}
+                          "bank_fill": sum(fill) / len(fill), "bank_fill_per_class": [round(f, 4) for f in fill],
+                          "seconds": round(time.time() - start, 2)}
             if cfg.eval_every and (it + 1) % cfg.eval_every == 0 and it + 1 < cfg.iterations:
-                if main:
-                    record = (record or {"iteration": it + 1}) | {"val_miou": evaluate(eval_model(trainer), val, cfg.eval_size, device)["miou"]}
+                if main:  # the learning curves: student and EMA teacher on val
+                    record = (record or {"iteration": it + 1}) | {
+                        "val_miou": evaluate(trainer.student, val, cfg.eval_size, device)["miou"],
+                        "teacher_val_miou": evaluate(trainer.teacher, val, cfg.eval_size, device)["miou"]}
                 distributed.barrier(info)
             if record:
                 metrics.add(record)
             if main and cfg.checkpoint_every and (it + 1) % cfg.checkpoint_every == 0 and it + 1 < cfg.iterations:
                 save_checkpoint(run_dir, {**meta, **trainer.state_dict(), "seconds": time.time() - start}, cfg.keep_checkpoints)
         seconds = time.time() - start
-        result = evaluate(eval_model(trainer), val, cfg.eval_size, device, progress=progress) if main else None
+        if main:  # the trained weights are safe before anything can go wrong in the evaluation
+            atomic_torch_save({**meta, **trainer.state_dict(), "seconds": seconds}, run_dir / "checkpoint.pt")
+            scores = score_run(trainer, cfg, progress)
     except BaseException as err:
         if main:
             write_status(run_dir, "crashed", iteration=trainer.iteration, error=f"{type(err).__name__}: {err}")
@@ -485,14 +537,17 @@ def train(cfg: Config, progress=True, overwrite=False, resume=False):
         distributed.barrier(info)
         distributed.destroy(info)
         return None
-    atomic_torch_save({**meta, **trainer.state_dict(), "seconds": seconds}, run_dir / "checkpoint.pt")
-    summary = {"miou": round(result["miou"], 4), "per_class_iou": result["per_class_iou"], "iterations": cfg.iterations,
+    headline = eval_splits(cfg)[0]
+    result = scores[cfg.eval_with][headline]
+    summary = {"miou": result["miou"], "scored_on": headline, "per_class_iou": result["per_class_iou"],
+               "val_miou": scores[cfg.eval_with]["val"]["miou"],
+               "teacher_miou": scores["teacher"][headline]["miou"], "teacher_val_miou": scores["teacher"]["val"]["miou"],
+               "scores": scores, "iterations": cfg.iterations,
                "seconds": round(seconds, 1), "variant": cfg.variant, "seed": cfg.seed, "split": cfg.split,
                "profile": cfg.profile, "dataset": cfg.dataset, "ratio": cfg.ratio, "arch": cfg.arch,
                "evaluated": cfg.eval_with, "device": str(device), "processes": info.world, "precision": cfg.precision,
-               "torch": torch.__version__, "commit": commit,
-               "machine": f"{os.cpu_count()} CPU threads" if device.type == "cpu" else torch.cuda.get_device_name()}
-    metrics.add({"iteration": cfg.iterations, "val_miou": summary["miou"]})
+               "torch": torch.__version__, "commit": commit, "machine": machine_name(device)}
+    metrics.add({"iteration": cfg.iterations, "val_miou": summary["val_miou"], "teacher_val_miou": summary["teacher_val_miou"]})
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     write_status(run_dir, "finished", iteration=cfg.iterations)
     distributed.barrier(info)
@@ -502,6 +557,26 @@ def train(cfg: Config, progress=True, overwrite=False, resume=False):
 
 def eval_model(trainer):
     return trainer.teacher if trainer.cfg.eval_with == "teacher" else trainer.student
+
+
+def machine_name(device):
+    """What the run ran on, for its summary: the GPU's name, or the CPU threads torch used."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{torch.get_num_threads()} CPU threads ({platform.processor() or platform.machine()})"
+
+
+def score_run(trainer, cfg, progress=False):
+    """mIoU and per-class IoU of the student (the paper's model, §4.2) and of the EMA teacher on
+    every split of :func:`eval_splits`: ``{model: {split: {"miou", "per_class_iou", "images"}}}``."""
+    scores = {}
+    for name, net in (("student", trainer.student), ("teacher", trainer.teacher)):
+        scores[name] = {}
+        for split, dataset in trainer.eval_sets.items():
+            result = evaluate(net, dataset, cfg.eval_size, trainer.device, progress=progress)
+            scores[name][split] = {"miou": round(result["miou"], 4), "per_class_iou": result["per_class_iou"],
+                                   "images": len(dataset)}
+    return scores
 
 
 def load_checkpoint_model(path, teacher=False):

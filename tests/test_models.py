@@ -120,7 +120,8 @@ def test_normalisation_inside_model(models):
 
 def test_param_groups(models):
     for arch, m in models.items():
-        groups = m.param_groups(0.01)
+        assert [g["lr"] for g in m.param_groups(0.01)] == [0.01, 0.01]  # the paper: one learning rate
+        groups = m.param_groups(0.01, head_lr_mult=10)
         assert [g["lr"] for g in groups] == [0.01, pytest.approx(0.1)]
         ids = [id(p) for g in groups for p in g["params"]]
         assert len(ids) == len(set(ids)) == len(list(m.parameters()))

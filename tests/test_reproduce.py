@@ -16,19 +16,30 @@ def test_grid_plans_match_the_paper_tables():
 
 def test_smoke_grid_runs_skips_and_survives_a_failing_run(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("SEMISEG_SMOKE_RUNS", str(tmp_path))
-    monkeypatch.setitem(reproduce.GRIDS, "test", [("ok", ""), ("broken", "psi=0"), ("also_ok", "lambda_contr=1")])
+    monkeypatch.setitem(reproduce.GRIDS, "test", [("full", ""), ("supervised", "psi=0"), ("psi=8", "lambda_contr=1")])
     with pytest.raises(SystemExit) as exit_info:
         reproduce.main(["test", "--profile", "smoke"])
     out = capsys.readouterr().out
     assert exit_info.value.code == 1
     assert "2 ran, 0 skipped, 1 failed" in out
-    failed = tmp_path / "tiny" / "1-4" / "split0" / "broken" / "seed0" / "train.failed.ipynb"
+    failed = tmp_path / "tiny" / "1-4" / "split0" / "supervised" / "seed0" / "train.failed.ipynb"
     assert f"failed: {failed}: cell" in out and "'psi' = 0: must be >= 1" in out
-    for variant in ("ok", "also_ok"):
+    for variant in ("full", "psi=8"):
         run = tmp_path / "tiny" / "1-4" / "split0" / variant / "seed0"
         assert json.loads((run / "summary.json").read_text())["variant"] == variant
         assert (run / "train.ipynb").exists() and not list(run.glob(".*tmp*"))
-    monkeypatch.setitem(reproduce.GRIDS, "test", [("ok", ""), ("also_ok", "lambda_contr=1")])
+    monkeypatch.setitem(reproduce.GRIDS, "test", [("full", ""), ("psi=8", "lambda_contr=1")])
     with pytest.raises(SystemExit) as exit_info:
         reproduce.main(["test", "--profile", "smoke"])
     assert exit_info.value.code == 0 and "0 ran, 2 skipped, 0 failed" in capsys.readouterr().out
+
+
+def test_camvid_grid_is_the_21_runs_of_issue_9(tmp_path):
+    runs = reproduce.plan("camvid", "quick", [0], [0, 1, 2], results=tmp_path, extra="threads=1")
+    assert len(runs) == 21
+    assert all(r["seed"] == r["split"] for r in runs)  # seed = split
+    cells = {(r["ratio"], r["variant"]) for r in runs}
+    assert cells == {(ratio, v) for ratio in ("1/16", "1/8") for v in ("supervised", "no_contr", "full")} | {
+        ("1/1", "supervised")}
+    assert all(r["out_dir"].startswith(str(tmp_path)) and "threads=1" in r["overrides"] for r in runs)
+    assert runs[-1]["out_dir"].endswith("camvid/1-1/split2/supervised/seed2")

@@ -71,7 +71,8 @@ def test_teacher_tracks_student_and_bank_fills():
 
 
 def test_supervised_variant_has_no_unlabeled_terms(tmp_path):
-    cfg = load_config("smoke", {**compare.VARIANTS["supervised"], "out_dir": str(tmp_path), "iterations": 2})
+    cfg = load_config("smoke", {"variant": "supervised", "out_dir": str(tmp_path), "iterations": 2})
+    assert (cfg.lambda_pseudo, cfg.lambda_ent, cfg.lambda_contr) == (0, 0, 0)
     train(cfg, progress=False)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all("pseudo" not in r and "contr" not in r for r in records)
@@ -112,7 +113,10 @@ def test_camvid_domain_adaptation_config_selects_sequences():
     assert source.names and not any(n.startswith("0001TP_") for n in source.names)
     from semiseg.train import build_eval_dataset
 
-    assert build_eval_dataset(cfg).names == unlabeled.names
+    # scored inductively on the 62 dusk frames of CamVid test; val (no dusk frames) stays whole
+    test = build_eval_dataset(cfg, "test").names
+    assert len(test) == 62 and all(n.startswith("0001TP_") for n in test) and not set(test) & set(unlabeled.names)
+    assert len(build_eval_dataset(cfg, "val")) == 101
 
 
 def test_eq1_total_is_weighted_sum_and_eq5_pseudo_labels_are_teacher_argmax(monkeypatch):

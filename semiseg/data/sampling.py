@@ -24,16 +24,29 @@ def seeded(*parts: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def load_crop(dataset, index, base_size, crop_size, generator):
-    """Image ``index`` of ``dataset`` resized to ``base_size`` [W, H] (None: as is), then a random
-    ``crop_size`` [W, H] crop (padded with ignore where the image is smaller).
-    Returns (image float [3, h, w] in [0, 1], label long [h, w])."""
+def load_resized(dataset, index, base_size):
+    """Image ``index`` of ``dataset`` resized to ``base_size`` [W, H] (None: as is):
+    (image float [3, H, W] in [0, 1], label long [H, W])."""
     image, label = dataset.load(index)
     image, label = to_tensor(image), torch.from_numpy(label).long()
     if base_size is not None:
         W, H = base_size
         image = F.interpolate(image[None], size=(H, W), mode="bilinear", align_corners=False)[0]
         label = F.interpolate(label[None, None].float(), size=(H, W), mode="nearest")[0, 0].long()
+    return image, label
+
+
+def load_crop(dataset, index, base_size, crop_size, generator, cache=None):
+    """Image ``index`` of ``dataset`` resized to ``base_size`` [W, H] (None: as is), then a random
+    ``crop_size`` [W, H] crop (padded with ignore where the image is smaller).
+    ``cache`` (a dict) keeps the resized images, so each is decoded once (the same numbers).
+    Returns (image float [3, h, w] in [0, 1], label long [h, w])."""
+    if cache is None:
+        image, label = load_resized(dataset, index, base_size)
+    else:
+        if index not in cache:
+            cache[index] = load_resized(dataset, index, base_size)
+        image, label = cache[index]
     cw, ch = crop_size
     H, W = label.shape
     if H < ch or W < cw:
@@ -54,7 +67,7 @@ class Batches:
     of all processes together are exactly the one-process batch.
     """
 
-    def __init__(self, dataset, batch_size, base_size, crop_size, seed, rank=0, world=1):
+    def __init__(self, dataset, batch_size, base_size, crop_size, seed, rank=0, world=1, cache=False):
         if len(dataset) == 0:
             raise ValueError("cannot draw batches from an empty dataset")
         self.dataset, self.base_size, self.crop_size, self.seed = dataset, base_size, crop_size, seed
@@ -63,6 +76,7 @@ class Batches:
             raise ValueError(f"a batch of {self.batch_size} cannot be split into {world} equal shares")
         self.rank, self.world, self.share = rank, world, self.batch_size // world
         self.per_epoch = len(dataset) // self.batch_size
+        self.cache = {} if cache else None
 
     def indices(self, iteration):
         epoch, k = divmod(iteration, self.per_epoch)
@@ -76,6 +90,6 @@ class Batches:
     def __call__(self, iteration):
         slots = self.slots()
         indices = self.indices(iteration)[slots.start:slots.stop]
-        crops = [load_crop(self.dataset, i, self.base_size, self.crop_size, seeded(self.seed, iteration, slot))
+        crops = [load_crop(self.dataset, i, self.base_size, self.crop_size, seeded(self.seed, iteration, slot), self.cache)
                  for slot, i in zip(slots, indices)]
         return torch.stack([c[0] for c in crops]), torch.stack([c[1] for c in crops]), torch.tensor(indices)
