@@ -228,10 +228,12 @@ for name, report in reports.items():
 # (variants `supervised_bf16`, `full_bf16` of `python -m semiseg.compare`). Each row is a
 # committed `summary.json`; `commit` is the code that trained it (empty for runs older than that
 # field). The spread between seeds of the same variant is the yardstick for "within seed noise".
+# These runs predate the reproduction protocol (they are scored on val only) and live under
+# `book/results/earlier/`.
 
 # %%
 variants = ("supervised", "supervised_bf16", "full", "full_bf16")
-runs = [r for r in results.collect() if r["variant"] in variants and r["dataset"] == "camvid" and r["ratio"] == "1/8"]
+runs = [r for r in results.collect(results.EARLIER) if r["variant"] in variants and r["dataset"] == "camvid" and r["ratio"] == "1/8"]
 
 
 def precision(run):

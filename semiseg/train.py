@@ -204,9 +204,9 @@ class Trainer:
         inputs, targets, conf_u, B_u = x_la, y_la, None, 0
         stats = {}
         if semi:
-            x_u, y_u = self.to_device(unlabeled[:2])
+            x_u, *y_u = self.to_device(unlabeled[:2])  # true labels, where given, for the log only
             pseudo, conf = self.pseudo_labels(x_u)
-            stats = self.pseudo_stats(pseudo, conf, y_u)
+            stats = self.pseudo_stats(pseudo, conf, y_u[0]) if y_u else {}
             class_counts = class_counts + losses.class_histogram(pseudo, self.C)
             # Eq. (6)-(7): A strong views; their geometry is applied to pseudo-labels and confidences too
             views = [augment(x_u, pseudo, conf, STRONG, self.generators(2 + a, x_u.shape[0])) for a in range(cfg.num_views)]

@@ -24,3 +24,42 @@ def test_paper_tables_transcribed():
     assert {r["setting"]: r["miou"] for r in paper_table(7)}["psi=256"] == 59.4
     ours = [r for r in paper_table(2) if r["method"] == "Ours" and r["pretraining"] == "ImageNet" and r["architecture"] == "DeepLabv2-R101"]
     assert {r["labels"]: r["miou"] for r in ours} == {"1/30": 58.0, "1/8": 63.0, "1/4": 64.8, "FS": 66.4}
+
+
+def _grid(tmp_path, table):
+    """Summaries in the grid's format for {(ratio, variant): [test mIoU of split 0, 1, 2]}."""
+    for (ratio, variant), values in table.items():
+        for k, miou in enumerate(values):
+            d = tmp_path / "camvid" / ratio.replace("/", "-") / f"split{k}" / variant / f"seed{k}"
+            d.mkdir(parents=True)
+            scores = {m: {"test": {"miou": miou - (m == "teacher")}, "val": {"miou": miou + 5}}
+                      for m in ("student", "teacher")}
+            (d / "summary.json").write_text(json.dumps({"miou": miou, "profile": "quick", "scores": scores}))
+    return collect(tmp_path)
+
+
+def test_paired_differences_and_t_interval(tmp_path):
+    from semiseg import results
+
+    runs = _grid(tmp_path, {("1/16", "supervised"): [40.0, 42.0, 44.0], ("1/16", "full"): [41.0, 45.0, 44.5],
+                            ("1/8", "full"): [50.0], ("1/8", "supervised"): [49.0, 48.0]})
+    p = results.paired(runs, "1/16", "full", "supervised")
+    assert p["diffs"] == {0: 1.0, 1: 3.0, 2: 0.5} and p["mean"] == pytest.approx(1.5)
+    # t(0.975, 2) = 4.3027; std of (1, 3, 0.5) = 1.3229
+    assert p["hi"] - p["mean"] == pytest.approx(4.3027 * 1.3229 / 3 ** 0.5, rel=1e-3) and p["includes_zero"]
+    assert results.paired(runs, "1/16", "full", "supervised", model="teacher")["diffs"] == p["diffs"]
+    one = results.paired(runs, "1/8", "full", "supervised")
+    assert one["n"] == 1 and one["lo"] is None
+    text = " ".join(results.conclusions(runs))
+    assert "At 1/16, the full method over supervised-only adds +1.50 mIoU on test" in text
+    assert "the interval includes 0" in text and "from a single split" in text
+
+
+def test_ceiling_and_relative_numbers(tmp_path):
+    from semiseg import results
+
+    runs = _grid(tmp_path, {("1/1", "supervised"): [60.0, 62.0, 64.0], ("1/8", "full"): [31.0, 31.0, 31.0]})
+    assert results.ceiling(runs) == 62.0
+    assert "full at 1/8 reaches 50.0 % of the fully supervised ceiling" in " ".join(results.conclusions(runs))
+    assert results.labeled_count("camvid", "1/16", 0) == 23 and results.labeled_count("camvid", "1/8", 1) == 46
+    assert results.labeled_count("camvid", "1/1", 0) == 367
