@@ -10,7 +10,6 @@ corrupt file is reported and skipped in favour of the previous one.
 
 from __future__ import annotations
 
-import os
 import random
 import warnings
 from pathlib import Path
@@ -18,19 +17,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .run_dir import atomic_write
+
 REQUIRED = ("config", "num_classes", "student", "teacher", "optimizer", "bank", "class_counts", "iteration")
 
 
 def atomic_torch_save(obj, path):
-    """``torch.save`` to a temp file in the same folder, then rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """``torch.save`` to a uniquely named temp file in the same folder, then rename: never a
+    half-written file; a full disk is one line naming the file (:func:`semiseg.run_dir.atomic_write`)."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def rng_state():
@@ -63,6 +58,8 @@ def save_checkpoint(run_dir, state, keep):
 
 def read_checkpoint(path):
     """Load a checkpoint and check that it is complete; raises ValueError naming the file otherwise."""
+    if Path(path).is_dir():
+        raise IsADirectoryError(f"checkpoint {path} is a folder, not a checkpoint file")
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # truncated zip, pickle garbage, ...

@@ -12,12 +12,15 @@ import dataclasses
 import difflib
 import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from .run_dir import atomic_write_text
+
+__all__ = ["Config", "VARIANTS", "atomic_write_text", "load_config", "save_config", "one_line_errors", "source_commit"]
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -108,6 +111,14 @@ class Config:
             ("tau_end", 0.0 <= self.tau_end <= 1.0, "must be in [0, 1]"),
             ("warmup_frac", 0.0 <= self.warmup_frac < 1.0, "must be in [0, 1)"),
             ("head_lr_mult", self.head_lr_mult > 0, "must be > 0"),
+            ("batch_labeled", self.batch_labeled >= 1, "must be >= 1"),
+            ("batch_unlabeled", self.batch_unlabeled >= 1, "must be >= 1"),
+            ("log_every", self.log_every >= 1, "must be >= 1"),
+            ("ratio", _ratio_ok(self.ratio), "must be 1/N with N >= 1, e.g. 1/8"),
+            ("crop_size", _size_ok(self.crop_size), "must be [W, H] with two positive integers"),
+            ("base_size", self.base_size is None or _size_ok(self.base_size), "must be null or [W, H], positive"),
+            ("eval_size", self.eval_size is None or _size_ok(self.eval_size), "must be null or [W, H], positive"),
+            ("threads", self.threads >= 0, "must be >= 0"),
             ("eval_every", self.eval_every >= 0, "must be >= 0"),
             ("variant", self.variant in VARIANTS or "=" in self.variant,
              f"is not a known variant ({', '.join(sorted(VARIANTS))}) nor of the form key=value"),
@@ -124,6 +135,16 @@ class Config:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def _ratio_ok(ratio) -> bool:
+    parts = str(ratio).split("/")
+    return len(parts) == 2 and parts[0] == "1" and parts[1].isdigit() and int(parts[1]) >= 1
+
+
+def _size_ok(size) -> bool:
+    return (isinstance(size, list) and len(size) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size))
 
 # Variant name -> the overrides it stands for. ``variant=X`` applies X's overrides on top of the
 # profile; explicit overrides still win. A variant written ``key=value`` (the reproduction grids of
@@ -183,6 +204,11 @@ def _coerce(key: str, value: Any, where: str) -> Any:
         return value
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if kind is float and isinstance(value, str):  # YAML 1.1 reads 1e-4 as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if kind is str and FIELDS[key].type == "str" and not isinstance(value, str):
         return str(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
@@ -227,34 +253,26 @@ def resolve_config_path(path: str | os.PathLike) -> Path:
     raise FileNotFoundError(f"config {str(path)!r} not found (shipped configs: {names})")
 
 
-def _read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+def _read_yaml(path: str | os.PathLike, seen: tuple = ()) -> dict[str, Any]:
     p = resolve_config_path(path)
+    if p.resolve() in seen:
+        chain = " -> ".join(str(s) for s in (*seen, p.resolve()))
+        raise ValueError(f"{p}: 'base:' makes a loop ({chain})")
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as err:
-        raise ValueError(f"{p}: not valid YAML ({str(err).splitlines()[0]})") from None
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ValueError(f"{p}: not valid YAML{where} ({problem})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{p}: expected a mapping of config keys")
     base = data.pop("base", None)
     if base is None:
         return data
-    merged = _read_yaml(p.parent / base if (p.parent / base).exists() else base)
+    merged = _read_yaml(p.parent / base if (p.parent / base).exists() else base, (*seen, p.resolve()))
     merged.update(data)
     return merged
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a temp file in the same folder and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
@@ -262,7 +280,7 @@ def save_config(cfg: Config, path: str | os.PathLike) -> None:
 
 
 # Errors a user can cause (bad data, config, checkpoint, device); anything else is a bug and keeps its traceback.
-USER_ERRORS = (ValueError, KeyError, TypeError, FileNotFoundError, FileExistsError, RuntimeError, FloatingPointError)
+USER_ERRORS = (ValueError, KeyError, TypeError, OSError, RuntimeError, FloatingPointError)
 
 
 @contextlib.contextmanager

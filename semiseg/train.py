@@ -8,11 +8,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import json
 import math
+import os
 import platform
 import random
+import signal
 import sys
 import time
 from pathlib import Path
@@ -24,13 +27,15 @@ import torch.nn.functional as F
 from . import distributed, losses
 from .checkpoint import (atomic_torch_save, check_compatible, newest_valid_checkpoint, read_checkpoint,
                          rng_state, save_checkpoint, set_rng_state)
-from .config import Config, atomic_write_text, load_config, one_line_errors, save_config, source_commit
+from .config import Config, load_config, one_line_errors, save_config, source_commit
 from .data import build_dataset, read_split
 from .data.augment import STRONG, WEAK, augment
 from .data.sampling import Batches, seeded
 from .evaluate import evaluate
 from .memory_bank import ClassMemoryBank, bank_quota, feature_quality_filter
 from .models import build_model
+from .run_dir import (Interrupted, MetricsLog, NoLog, RunLock, StopSignals, check_resume_config, remove_run_files,
+                      write_json, write_status)
 from .teacher import ema_update, make_teacher, tau_schedule
 
 
@@ -387,44 +392,13 @@ def seed_everything(seed, deterministic=False):
     torch.use_deterministic_algorithms(deterministic, warn_only=True)
 
 
-def write_status(run_dir, status, **info):
-    """``status.json``: running / finished / crashed (with the error and iteration)."""
-    atomic_write_text(Path(run_dir) / "status.json", json.dumps({"status": status, **info}) + "\n")
-
-
-class MetricsLog:
-    """``metrics.jsonl``, rewritten atomically at every record: never a half-written line.
-
-    On resume only the records up to the checkpoint's iteration are kept.
-    """
-
-    def __init__(self, path, until_iteration):
-        self.path = Path(path)
-        lines = self.path.read_text().splitlines() if self.path.exists() else []
-        self.records = [r for r in map(json.loads, lines) if r.get("iteration", 0) <= until_iteration]
-        self._write()
-
-    def add(self, record):
-        self.records.append(record)
-        self._write()
-
-    def _write(self):
-        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
-
-
-class _NoLog:
-    """Stands in for the metrics log on processes other than rank 0."""
-
-    def add(self, record):
-        pass
-
-
 def setup(cfg: Config, info=None, run_dir=None, resume=False):
     """Data, batches and trainer of a run (shared by :func:`train` and the multi-process test).
 
     Returns ``(trainer, batches, val)``; ``batches(it)`` gives the (labeled, unlabeled, source)
     batches of iteration ``it`` for this process. With ``resume`` the trainer continues from the
-    newest valid checkpoint of ``run_dir``.
+    newest valid checkpoint of ``run_dir`` (the final ``checkpoint.pt`` when the run finished
+    training but not its evaluation); its config must match (:func:`semiseg.run_dir.check_resume_config`).
     """
     info = info or distributed.Dist()
     if cfg.threads:
@@ -444,10 +418,16 @@ def setup(cfg: Config, info=None, run_dir=None, resume=False):
     val = eval_sets["val"]
     trainer = Trainer(cfg, labeled.num_classes, len(labeled), device, info)
     trainer.eval_sets = eval_sets
-    state, path = newest_valid_checkpoint(run_dir) if resume else (None, None)
+    state, path = (None, None)
+    if resume and (Path(run_dir) / "checkpoint.pt").is_file():  # trained; the evaluation failed
+        path = Path(run_dir) / "checkpoint.pt"
+        state = read_checkpoint(path)
+    elif resume:
+        state, path = newest_valid_checkpoint(run_dir)
     trainer.seconds = 0.0
     if state is not None:
         check_compatible(state, cfg.arch, labeled.num_classes, path)
+        check_resume_config(state["config"], cfg, path)
         trainer.load_state_dict(state)
         trainer.seconds = state.get("seconds", 0.0)
         if info.main:
@@ -475,7 +455,10 @@ def train(cfg: Config, progress=True, overwrite=False, resume=False):
     """Train one run; returns its summary dict (also written to ``<run_dir>/summary.json``).
 
     With ``resume`` the run continues from the newest valid checkpoint in its run directory
-    (config ``checkpoint_every``) and ends with the same weights as an uninterrupted run.
+    (config ``checkpoint_every``) and ends with the same weights as an uninterrupted run; a run
+    whose final evaluation failed is only evaluated. The run folder is locked for the whole run,
+    ``overwrite`` removes the old run's files first, and SIGTERM / SIGINT stop it after the
+    current iteration with a checkpoint (:mod:`semiseg.run_dir`).
     Under ``torchrun`` every process trains its share of each batch (:mod:`semiseg.distributed`);
     rank 0 alone evaluates and writes.
     """
@@ -484,17 +467,42 @@ def train(cfg: Config, progress=True, overwrite=False, resume=False):
         raise FileExistsError(f"{run_dir} already holds a finished run (summary.json); pass --overwrite to replace it")
     commit = source_commit()  # the code that trains, read before it can change on disk
     info = distributed.init(resolve_device(cfg))
+    lock = RunLock(run_dir)
+    if info.main:
+        if run_dir.exists() and not run_dir.is_dir():
+            raise NotADirectoryError(f"out_dir {run_dir} is a file, not a folder")
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise NotADirectoryError(f"cannot create out_dir {run_dir}: a parent of it is a file") from None
+        except PermissionError:
+            raise PermissionError(f"cannot create out_dir {run_dir}: permission denied") from None
+        if not os.access(run_dir, os.W_OK):
+            raise PermissionError(f"out_dir {run_dir} is not writable")
+        lock.acquire()
+    try:
+        if info.main and overwrite:
+            remove_run_files(run_dir)  # before anything new is written: --resume can never find the old run
+        distributed.barrier(info)
+        try:
+            trainer, batches, val = setup(cfg, info, run_dir, resume)
+        except BaseException as err:
+            if info.main:
+                write_status(run_dir, "crashed", iteration=0, error=f"{type(err).__name__}: {err}", stage="setup")
+            raise
+        return _train(cfg, info, run_dir, trainer, batches, val, commit, progress and info.main)
+    finally:
+        lock.release()
+
+
+def _train(cfg, info, run_dir, trainer, batches, val, commit, progress):
+    """The loop of :func:`train`, its checkpoints, the final evaluation and the summary."""
     main = info.main
-    progress = progress and main
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    distributed.barrier(info)
-    trainer, batches, val = setup(cfg, info, run_dir, resume)
     device = trainer.device
     if main:
         save_config(cfg, run_dir / "config.yaml")
         write_status(run_dir, "running", iteration=trainer.iteration, processes=info.world)
-    metrics = MetricsLog(run_dir / "metrics.jsonl", trainer.iteration) if main else _NoLog()
+    metrics = MetricsLog(run_dir / "metrics.jsonl", trainer.iteration) if main else NoLog()
     meta = {"config": cfg.to_dict(), "num_classes": trainer.C, "processes": info.world,
             "class_names": list(val.class_names), "palette": [tuple(c) for c in val.palette]}
     start = time.time() - trainer.seconds
@@ -504,31 +512,45 @@ def train(cfg: Config, progress=True, overwrite=False, resume=False):
 
         bar = tqdm(bar, desc=f"{cfg.variant} seed{cfg.seed}", dynamic_ncols=True, file=sys.stdout,
                    initial=trainer.iteration, total=cfg.iterations)
+
+    def state():
+        return {**meta, **trainer.state_dict(), "seconds": time.time() - start}
+
     try:
-        for it in bar:
-            terms = trainer.step(*batches(it))
-            if progress:
-                bar.set_postfix({k: f"{v:.3f}" for k, v in terms.items()})
-            record = None
-            if (it + 1) % cfg.log_every == 0 or it + 1 == cfg.iterations:
-                fill = (trainer.bank.count.float() / cfg.psi).tolist()
-                record = {"iteration": it + 1, **terms, "lr": trainer.optimizer.param_groups[0]["lr"],
-                          "bank_fill": sum(fill) / len(fill), "bank_fill_per_class": [round(f, 4) for f in fill],
-                          "seconds": round(time.time() - start, 2)}
-            if cfg.eval_every and (it + 1) % cfg.eval_every == 0 and it + 1 < cfg.iterations:
-                if main:  # the learning curves: student and EMA teacher on val
-                    record = (record or {"iteration": it + 1}) | {
-                        "val_miou": evaluate(trainer.student, val, cfg.eval_size, device)["miou"],
-                        "teacher_val_miou": evaluate(trainer.teacher, val, cfg.eval_size, device)["miou"]}
-                distributed.barrier(info)
-            if record:
-                metrics.add(record)
-            if main and cfg.checkpoint_every and (it + 1) % cfg.checkpoint_every == 0 and it + 1 < cfg.iterations:
-                save_checkpoint(run_dir, {**meta, **trainer.state_dict(), "seconds": time.time() - start}, cfg.keep_checkpoints)
+        # one process: SIGTERM / SIGINT finish the current iteration, then stop with a checkpoint
+        with (StopSignals() if not info.enabled else contextlib.nullcontext()) as signals:
+            for it in bar:
+                terms = trainer.step(*batches(it))
+                if progress:
+                    bar.set_postfix({k: f"{v:.3f}" for k, v in terms.items()})
+                record = None
+                if (it + 1) % cfg.log_every == 0 or it + 1 == cfg.iterations:
+                    fill = (trainer.bank.count.float() / cfg.psi).tolist()
+                    record = {"iteration": it + 1, **terms, "lr": trainer.optimizer.param_groups[0]["lr"],
+                              "bank_fill": sum(fill) / len(fill), "bank_fill_per_class": [round(f, 4) for f in fill],
+                              "seconds": round(time.time() - start, 2)}
+                if cfg.eval_every and (it + 1) % cfg.eval_every == 0 and it + 1 < cfg.iterations:
+                    if main:  # the learning curves: student and EMA teacher on val
+                        record = (record or {"iteration": it + 1}) | {
+                            "val_miou": evaluate(trainer.student, val, cfg.eval_size, device)["miou"],
+                            "teacher_val_miou": evaluate(trainer.teacher, val, cfg.eval_size, device)["miou"]}
+                    distributed.barrier(info)
+                if record:
+                    metrics.add(record)
+                if signals is not None and signals.pending and it + 1 < cfg.iterations:
+                    save_checkpoint(run_dir, state(), cfg.keep_checkpoints)
+                    name = signal.Signals(signals.pending).name
+                    write_status(run_dir, "interrupted", iteration=it + 1, signal=name)
+                    raise Interrupted(signals.pending, f"{name}: stopped at iteration {it + 1} of {cfg.iterations} with a "
+                                      f"checkpoint; resume with the same command and --resume (out_dir={run_dir})")
+                if main and cfg.checkpoint_every and (it + 1) % cfg.checkpoint_every == 0 and it + 1 < cfg.iterations:
+                    save_checkpoint(run_dir, state(), cfg.keep_checkpoints)
         seconds = time.time() - start
         if main:  # the trained weights are safe before anything can go wrong in the evaluation
-            atomic_torch_save({**meta, **trainer.state_dict(), "seconds": seconds}, run_dir / "checkpoint.pt")
+            atomic_torch_save({**state(), "seconds": seconds}, run_dir / "checkpoint.pt")
             scores = score_run(trainer, cfg, progress)
+    except Interrupted:
+        raise
     except BaseException as err:
         if main:
             write_status(run_dir, "crashed", iteration=trainer.iteration, error=f"{type(err).__name__}: {err}")
@@ -548,7 +570,7 @@ def train(cfg: Config, progress=True, overwrite=False, resume=False):
                "evaluated": cfg.eval_with, "device": str(device), "processes": info.world, "precision": cfg.precision,
                "torch": torch.__version__, "commit": commit, "machine": machine_name(device)}
     metrics.add({"iteration": cfg.iterations, "val_miou": summary["val_miou"], "teacher_val_miou": summary["teacher_val_miou"]})
-    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_json(run_dir / "summary.json", summary, indent=2)
     write_status(run_dir, "finished", iteration=cfg.iterations)
     distributed.barrier(info)
     distributed.destroy(info)
@@ -581,7 +603,7 @@ def score_run(trainer, cfg, progress=False):
 
 def load_checkpoint_model(path, teacher=False):
     """(config, model in eval mode, device) from a checkpoint written by :func:`train`."""
-    if not Path(path).is_file():
+    if not Path(path).exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     state = read_checkpoint(path)
     cfg = load_config(overrides=state["config"])
@@ -595,13 +617,19 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m semiseg.train", description="Train the method (or an ablation) on one split.")
     parser.add_argument("config", help="YAML file or name of a shipped profile (semiseg/configs)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. iterations=100 seed=1")
-    parser.add_argument("--overwrite", action="store_true", help="replace a finished run in the output directory")
+    parser.add_argument("--overwrite", action="store_true", help="remove the run in the output directory, then train")
     parser.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint of the run directory")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_intermixed_args(argv)
-    with one_line_errors():
-        cfg = load_config(args.config, args.overrides)
-        summary = train(cfg, progress=not args.no_progress, overwrite=args.overwrite, resume=args.resume)
+    try:
+        with one_line_errors():
+            cfg = load_config(args.config, args.overrides)
+            summary = train(cfg, progress=not args.no_progress, overwrite=args.overwrite, resume=args.resume)
+    except Interrupted as stop:
+        print(stop.message, file=sys.stderr)
+        raise
+    except KeyboardInterrupt:  # outside the training loop (setup, evaluation)
+        sys.exit("interrupted (SIGINT) outside the training loop; resume with --resume")
     if summary is not None:  # rank 0 (or the only process)
         print(json.dumps({k: summary[k] for k in ("variant", "seed", "miou", "iterations", "seconds")}))
 

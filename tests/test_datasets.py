@@ -241,6 +241,132 @@ def test_folder_image_without_mask(tmp_path):
         FolderDataset(tmp_path)
 
 
+# ------------------------------------------------------------- your own data: palettes, splits
+
+BG, ROAD, CAR, IGN = (0, 0, 0), (128, 64, 128), (0, 0, 142), (255, 255, 255)  # PALETTE_TXT order
+
+
+def p_mask(path, indices, colours):
+    """A P-mode mask: first pixels hold ``indices`` (rest 0), its embedded palette ``colours``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im = Image.frombytes("P", (W, H), mask(indices).tobytes())
+    im.putpalette([v for c in colours for v in c])
+    im.save(path)
+
+
+def split_tree(root, splits=("train", "val"), palette_at=("",), n=2):
+    """``root/<split>/{images,masks}`` with P-mode masks; palette.txt written to ``palette_at``."""
+    for split in splits:
+        for i in range(n):
+            save(root / split / f"images/{split}{i}.png", rgb(i))
+            p_mask(root / split / f"masks/{split}{i}.png", [0, 1, 2, 3], [ROAD, CAR, IGN, BG])
+    for where in palette_at:
+        (root / where / "palette.txt").write_text(PALETTE_TXT)
+    return root
+
+
+def test_folder_p_masks_read_through_their_own_palette(tmp_path):
+    folder_tree(tmp_path, colour=True)
+    # two embedded palettes, each in another order than palette.txt (bg, road, car; ignore)
+    p_mask(tmp_path / "masks/a.png", [0, 1, 2, 3], [ROAD, CAR, IGN, BG])
+    p_mask(tmp_path / "masks/b.png", [3, 0, 2, 1, 1], [IGN, BG, CAR, ROAD])
+    with Image.open(tmp_path / "masks/b.png") as im:  # a raw index read would give 3, 0, 2, 1
+        assert im.mode == "P" and np.asarray(im).flat[:4].tolist() == [3, 0, 2, 1]
+    ds = FolderDataset(tmp_path)
+    assert ds[0][1].flat[:5].tolist() == [1, 2, 255, 0, 1]
+    assert ds[1][1].flat[:5].tolist() == [1, 255, 2, 0, 0]
+
+
+def test_folder_p_masks_are_indices_without_palette_txt(tmp_path):
+    folder_tree(tmp_path)  # classes.txt only
+    p_mask(tmp_path / "masks/b.png", [2, 1, 255], [ROAD, CAR, IGN] + [(9, 9, 9)] * 253)
+    assert FolderDataset(tmp_path)[1][1].flat[:4].tolist() == [2, 1, 255, 0]
+
+
+@pytest.mark.parametrize("kind", ["palette", "classes"])
+def test_folder_class_list_at_root_serves_splits(tmp_path, kind):
+    split_tree(tmp_path, palette_at=())
+    if kind == "palette":
+        (tmp_path / "palette.txt").write_text(PALETTE_TXT)
+    else:
+        (tmp_path / "classes.txt").write_text("background\nroad surface\ncar\n")
+        for split in ("train", "val"):
+            for i in range(2):
+                save(tmp_path / split / f"masks/{split}{i}.png", mask([1, 2, 255]))
+    for split in ("train", "val"):
+        ds = build_dataset("folder", split, tmp_path)
+        assert ds.root == tmp_path / split and ds.names == [f"{split}0", f"{split}1"]
+        assert ds.class_names == ["background", "road surface", "car"]
+        assert ds.class_file == tmp_path / f"{kind}.txt"
+        assert ds[1][1].flat[:4].tolist() == [1, 2, 255, 0]
+
+
+def test_folder_split_palette_equal_to_root_is_used(tmp_path):
+    split_tree(tmp_path, palette_at=("", "val"))
+    val = FolderDataset(tmp_path, "val")
+    assert val.class_file == tmp_path / "val/palette.txt"
+    assert val[0][1].flat[:4].tolist() == [1, 2, 255, 0]
+    assert FolderDataset(tmp_path, "train").class_file == tmp_path / "palette.txt"
+
+
+def test_folder_no_class_list_names_both_folders(tmp_path):
+    split_tree(tmp_path, palette_at=())
+    with pytest.raises(FileNotFoundError) as e:
+        FolderDataset(tmp_path, "train")
+    assert f"no class list in {tmp_path / 'train'} or {tmp_path}:" in one_line(e)
+
+
+def test_palette_duplicate_colour(tmp_path):
+    folder_tree(tmp_path, colour=True)
+    (tmp_path / "palette.txt").write_text(PALETTE_TXT + "truck 0 0 142\n")
+    with pytest.raises(ValueError) as e:
+        FolderDataset(tmp_path)
+    assert one_line(e) == (f"{tmp_path / 'palette.txt'}:5: duplicate colour (0, 0, 142) for "
+                           f"'truck' (already line 3, 'car')")
+
+
+@pytest.mark.parametrize("case", ["split_vs_root", "train_vs_val", "ignore", "classes"])
+def test_split_class_lists_differ(tmp_path, case):
+    swapped = "background 0 0 0\ncar 0 0 142\nroad surface 128 64 128\nignore 255 255 255\n"
+    if case == "split_vs_root":  # train's own palette disagrees with the root one val uses
+        split_tree(tmp_path, palette_at=("",))
+        (tmp_path / "train/palette.txt").write_text(swapped)
+        files, what = ("train/palette.txt", "palette.txt"), ("class 1 is ", "'car' (0, 0, 142)",
+                                                             "'road surface' (128, 64, 128)")
+    elif case == "train_vs_val":
+        split_tree(tmp_path, palette_at=("train",))
+        (tmp_path / "val/palette.txt").write_text(PALETTE_TXT.replace("0 0 142", "0 0 70"))
+        files, what = ("train/palette.txt", "val/palette.txt"), ("class 2 is ", "'car' (0, 0, 142)",
+                                                                 "'car' (0, 0, 70)")
+    elif case == "ignore":
+        split_tree(tmp_path, palette_at=("train", "val"))
+        (tmp_path / "val/palette.txt").write_text(PALETTE_TXT + "ignore 1 2 3\n")
+        files, what = ("val/palette.txt", "train/palette.txt"), ("ignore colour (1, 2, 3) is in "
+                                                                 f"{tmp_path / 'val/palette.txt'}",)
+    else:
+        split_tree(tmp_path, palette_at=())
+        (tmp_path / "train/classes.txt").write_text("background\nroad\ncar\n")
+        (tmp_path / "val/classes.txt").write_text("background\nroad\n")
+        files, what = ("train/classes.txt", "val/classes.txt"), ("class 2 is ", "'car'", "missing")
+    for split in ("train", "val"):  # both sides refuse, each naming both files and the class
+        with pytest.raises(ValueError) as e:
+            FolderDataset(tmp_path, split)
+        msg = one_line(e)
+        assert msg.startswith("class lists differ: "), msg
+        assert all(str(tmp_path / f) in msg for f in files) and all(w in msg for w in what), msg
+
+
+def test_p_mask_colour_not_in_palette(tmp_path):
+    split_tree(tmp_path)
+    p_mask(tmp_path / "val/masks/val1.png", [0, 1], [BG, (12, 34, 56)])
+    ds = FolderDataset(tmp_path, "val")
+    assert ds[0][1].flat[:4].tolist() == [1, 2, 255, 0]
+    with pytest.raises(ValueError) as e:
+        ds[1]
+    assert (f"val/masks/val1.png: colour (12, 34, 56) is not in palette.txt "
+            f"({tmp_path / 'palette.txt'})") in one_line(e)
+
 # ---------------------------------------------------------------------------------- TinyShapes
 
 def test_tiny_deterministic_and_in_range():

@@ -17,7 +17,7 @@ def cli_error(main, argv):
 
 
 def _camvid_tree(root, n=3, size=(16, 12), label_value=1):
-    for split in ("train", "val"):
+    for split in ("train", "val", "test"):
         (root / "camvid" / split).mkdir(parents=True)
         (root / "camvid" / f"{split}annot").mkdir(parents=True)
         for i in range(n):
@@ -118,7 +118,9 @@ def test_checkpoint_from_other_architecture_or_class_count(tmp_path):
     with pytest.raises(ValueError, match="has 4 classes, but the dataset has 11"):
         check_compatible(state, "effnet_lite0_dlv3p", 11, "x.pt")
     train.main(["smoke", "iterations=2", "checkpoint_every=1", f"out_dir={tmp_path}", "--no-progress"])
-    (tmp_path / "summary.json").unlink()  # pretend the run was interrupted after its first checkpoint
+    # pretend the run was interrupted after its first checkpoint
+    (tmp_path / "summary.json").unlink()
+    (tmp_path / "checkpoint.pt").unlink()
     msg = cli_error(train.main, ["smoke", "iterations=2", "arch=deeplabv3p_r50", f"out_dir={tmp_path}", "--resume", "--no-progress"])
     assert "iter0000001.pt is for arch 'effnet_lite0_dlv3p', but the config asks for 'deeplabv3p_r50'" in msg
 
@@ -128,3 +130,26 @@ def test_corrupt_checkpoint_for_evaluate(tmp_path):
     bad.write_bytes(b"\x00garbage")
     assert f"checkpoint {bad} is unreadable" in cli_error(evaluate.main, [str(bad)])
     assert "does not exist" in cli_error(evaluate.main, [str(tmp_path / "none.pt")])
+
+
+def test_splits_command_bad_palette(tmp_path, monkeypatch):
+    from semiseg.data import splits
+
+    monkeypatch.setenv("SEMISEG_SPLITS", str(tmp_path / "splits"))
+    root = tmp_path / "mydata"
+    for split in ("train", "val"):
+        (root / split / "images").mkdir(parents=True)
+        (root / split / "masks").mkdir()
+        Image.new("RGB", (8, 6)).save(root / split / "images" / "x.png")
+        Image.new("RGB", (8, 6)).save(root / split / "masks" / "x.png")
+    (root / "palette.txt").write_text("background 0 0 0\ncar 0 0 142\ntruck 0 0 142\n")
+    argv = ["folder", "--root", str(root), "--ratios", "1/1"]
+    msg = cli_error(splits.main, argv)
+    assert f"{root / 'palette.txt'}:3: duplicate colour (0, 0, 142) for 'truck'" in msg
+    (root / "palette.txt").write_text("background 0 0 0\ncar 0 0 142\n")
+    (root / "val" / "palette.txt").write_text("background 0 0 0\ntruck 0 0 142\n")
+    msg = cli_error(splits.main, argv)
+    assert "class lists differ: class 1 is 'car' (0, 0, 142)" in msg and str(root / "val" / "palette.txt") in msg
+    (root / "val" / "palette.txt").unlink()
+    splits.main(argv)
+    assert splits.read_split("folder", "1/1", 0) == (["x"], [])

@@ -3,8 +3,9 @@
 import random
 
 import pytest
+from PIL import Image
 
-from semiseg.data import CamVid, data_root
+from semiseg.data import CamVid, FolderDataset, data_root
 from semiseg.data.splits import (main, make_split, num_labeled, read_split, split_dir,
                                  splits_root, write_split)
 
@@ -61,6 +62,26 @@ def test_cli_on_tiny(tmp_path, monkeypatch, capsys):
     assert len(lab) == 6 and len(lab) + len(unl) == 48
     assert (lab, unl) == make_split([f"tiny_{i:04d}" for i in range(48)], 6, seed=1)
     assert "6 labeled, 42 unlabeled" in capsys.readouterr().out
+
+
+def test_cli_on_folder_with_palette_at_root(tmp_path, monkeypatch, capsys):
+    """palette.txt only at the root serves the train/ and val/ folders (P-mode masks)."""
+    monkeypatch.setenv("SEMISEG_SPLITS", str(tmp_path / "splits"))
+    root = tmp_path / "mydata"
+    for split, n in [("train", 4), ("val", 1)]:
+        (root / split / "images").mkdir(parents=True)
+        (root / split / "masks").mkdir()
+        for i in range(n):
+            Image.new("RGB", (8, 6)).save(root / split / "images" / f"{split}{i}.png")
+            m = Image.new("P", (8, 6))
+            m.putpalette([0, 0, 142, 0, 0, 0])  # index 0 = car, class 1 in palette.txt
+            m.save(root / split / "masks" / f"{split}{i}.png")
+    (root / "palette.txt").write_text("background 0 0 0\ncar 0 0 142\n")
+    main(["folder", "--root", str(root), "--ratios", "1/2", "--splits", "0"])
+    lab, unl = read_split("folder", "1/2", 0)
+    assert (lab, unl) == make_split([f"train{i}" for i in range(4)], 2, seed=0)
+    assert "2 labeled, 2 unlabeled" in capsys.readouterr().out
+    assert FolderDataset(root, "val")[0][1].max() == 1
 
 
 @pytest.mark.skipif(not (data_root() / "camvid" / "train").is_dir(),

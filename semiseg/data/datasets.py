@@ -303,53 +303,120 @@ class GTA5(SegDataset):
         super().__init__(files)
 
 
+Rgb = tuple[int, int, int]
+
+
+def _read_palette_file(path: Path) -> tuple[list[str], list[Rgb], dict[Rgb, int]]:
+    """Parse ``palette.txt`` ("name R G B", "ignore" -> 255): names, colours, colour -> index.
+
+    A colour listed twice raises ``ValueError`` naming the file, both lines and the colour.
+    """
+    names, palette, colour_to_index, seen = [], [], {}, {}
+    for ln, line in enumerate(path.read_text().splitlines(), 1):
+        parts = line.split()
+        if not parts or parts[0].startswith("#"):
+            continue
+        try:
+            rgb = tuple(int(v) for v in parts[-3:])
+            assert len(parts) >= 4 and all(0 <= v <= 255 for v in rgb)
+        except (ValueError, AssertionError):
+            raise ValueError(f"{path}:{ln}: expected 'name R G B', got {line!r}") from None
+        name = " ".join(parts[:-3])
+        if rgb in seen:
+            raise ValueError(f"{path}:{ln}: duplicate colour {rgb} for {name!r} (already line "
+                             f"{seen[rgb][0]}, {seen[rgb][1]!r})")
+        seen[rgb] = (ln, name)
+        if name.lower() == "ignore":
+            colour_to_index[rgb] = IGNORE_INDEX
+            continue
+        colour_to_index[rgb] = len(names)
+        names.append(name)
+        palette.append(rgb)
+    return names, palette, colour_to_index
+
+
+def _read_class_file(path: Path) -> tuple[list[str], list[Rgb], dict[Rgb, int]]:
+    """``palette.txt`` or ``classes.txt`` (one name per line, VOC colours, no colour map)."""
+    if path.name == "palette.txt":
+        return _read_palette_file(path)
+    names = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+    return names, _voc_palette(len(names)), {}
+
+
+def _class_file(folder: Path) -> Path | None:
+    """A folder's class list: its ``palette.txt``, else its ``classes.txt``, else None."""
+    for fname in ("palette.txt", "classes.txt"):
+        if (folder / fname).is_file():
+            return folder / fname
+    return None
+
+
+def _check_same_classes(used: Path, other: Path) -> None:
+    """Raise a one-line ``ValueError`` naming both files and the first class or colour that differs.
+
+    Two palettes must agree on names, colours and ignore colours; otherwise names are compared.
+    """
+    (n1, p1, c1), (n2, p2, c2) = _read_class_file(used), _read_class_file(other)
+    colours = used.name == other.name == "palette.txt"
+    a = list(zip(n1, p1)) if colours else list(n1)
+    b = list(zip(n2, p2)) if colours else list(n2)
+
+    def show(entry):
+        if entry is None:
+            return "missing"
+        return f"{entry[0]!r} {entry[1]}" if colours else repr(entry)
+
+    for k in range(max(len(a), len(b))):
+        ea, eb = (a[k] if k < len(a) else None), (b[k] if k < len(b) else None)
+        if ea != eb:
+            raise ValueError(f"class lists differ: class {k} is {show(ea)} in {used} but "
+                             f"{show(eb)} in {other}")
+    if colours:
+        ig1 = {c for c, i in c1.items() if i == IGNORE_INDEX}
+        ig2 = {c for c, i in c2.items() if i == IGNORE_INDEX}
+        if ig1 != ig2:
+            c = sorted(ig1 ^ ig2)[0]
+            has, lacks = (used, other) if c in ig1 else (other, used)
+            raise ValueError(f"class lists differ: ignore colour {c} is in {has} but not in "
+                             f"{lacks}")
+
+
 class FolderDataset(SegDataset):
     """Your own data::
 
-        <root>/images/<name>.{png,jpg,jpeg}
-        <root>/masks/<name>.png
-        <root>/palette.txt     lines "name R G B" (a class named "ignore" maps to 255), or
-        <root>/classes.txt     one class name per line (then masks must be index masks)
+        <root>[/<split>]/images/<name>.{png,jpg,jpeg}
+        <root>[/<split>]/masks/<name>.png
+        <root>[/<split>]/palette.txt   lines "name R G B" (a class named "ignore" maps to 255), or
+        <root>[/<split>]/classes.txt   one class name per line (then masks must be index masks)
 
-    Masks are index masks (single channel or P-mode; values = class indices, 255 = ignore) or RGB
-    colour masks converted through ``palette.txt``.
+    ``<root>/<split>/images`` is used when present. The class list is the split folder's
+    ``palette.txt`` or ``classes.txt``, else the root's; the root's and every split folder's
+    lists must agree. Masks are index masks (single channel, or P-mode without a palette.txt;
+    values = class indices, 255 = ignore) or colour masks converted through ``palette.txt``: RGB,
+    and P-mode read through their own embedded palette (so its order does not matter).
     """
 
     def __init__(self, root=None, split: str | None = None):
-        root = Path(root if root is not None else data_root() / "folder")
-        if split and (root / split / "images").is_dir():
-            root = root / split
+        base = Path(root if root is not None else data_root() / "folder")
+        root = base / split if split and (base / split / "images").is_dir() else base
         self.root = _require_dir(root)
-        self.colour_to_index: dict[tuple[int, int, int], int] = {}
-        names, palette = [], []
-        pal_file, cls_file = root / "palette.txt", root / "classes.txt"
-        if pal_file.is_file():
-            for ln, line in enumerate(pal_file.read_text().splitlines(), 1):
-                parts = line.split()
-                if not parts or parts[0].startswith("#"):
-                    continue
-                try:
-                    rgb = tuple(int(v) for v in parts[-3:])
-                    assert len(parts) >= 4 and all(0 <= v <= 255 for v in rgb)
-                except (ValueError, AssertionError):
-                    raise ValueError(f"{pal_file}:{ln}: expected 'name R G B', got {line!r}")
-                name = " ".join(parts[:-3])
-                if name.lower() == "ignore":
-                    self.colour_to_index[rgb] = IGNORE_INDEX
-                    continue
-                self.colour_to_index[rgb] = len(names)
-                names.append(name)
-                palette.append(rgb)
-        elif cls_file.is_file():
-            names = [ln.strip() for ln in cls_file.read_text().splitlines() if ln.strip()]
-            palette = _voc_palette(len(names))
-        else:
-            raise FileNotFoundError(f"no class list in {root}: write palette.txt ('name R G B' "
+        cls_file = _class_file(root) or (_class_file(base) if root != base else None)
+        if cls_file is None:
+            where = f"{root} or {base}" if root != base else f"{root}"
+            raise FileNotFoundError(f"no class list in {where}: write palette.txt ('name R G B' "
                                     f"per line) or classes.txt (one name per line)")
+        names, palette, self.colour_to_index = _read_class_file(cls_file)
         if not names:
-            raise ValueError(f"{pal_file if pal_file.is_file() else cls_file}: no classes listed")
+            raise ValueError(f"{cls_file}: no classes listed")
+        if root != base:  # the root's and the sibling splits' lists must match the one used
+            others = [base] + sorted(d for d in base.iterdir() if (d / "images").is_dir())
+            for folder in others:
+                other = _class_file(folder)
+                if other is not None and other != cls_file:
+                    _check_same_classes(cls_file, other)
         self.class_names, self.palette, self.num_classes = names, palette, len(names)
-        self.pal_file = pal_file
+        self.class_file = cls_file
+        self.pal_file = cls_file if cls_file.name == "palette.txt" else root / "palette.txt"
         img_dir, mask_dir = _require_dir(root / "images"), root / "masks"
         files = {}
         for img in img_dir.iterdir():
@@ -360,11 +427,14 @@ class FolderDataset(SegDataset):
         super().__init__(files)
 
     def read_label(self, path: Path) -> np.ndarray:
+        """Mask -> class indices: index masks as they are, colour masks through ``palette.txt``."""
         try:
             with Image.open(path) as im:
-                if im.mode not in ("RGB", "RGBA"):
+                is_colour = im.mode in ("RGB", "RGBA") or (im.mode in ("P", "PA")
+                                                            and bool(self.colour_to_index))
+                if not is_colour:
                     return read_index_mask(path)
-                rgb = np.asarray(im.convert("RGB"), dtype=np.int64)
+                rgb = np.asarray(im.convert("RGB"), dtype=np.int64)  # P: through its own palette
         except (OSError, SyntaxError) as e:
             raise ValueError(f"{path}: cannot read mask ({type(e).__name__}: {e})".replace("\n", " "))
         if not self.colour_to_index:
@@ -375,7 +445,7 @@ class FolderDataset(SegDataset):
         for k, c in enumerate(uniq.tolist()):
             colour = (c >> 16, (c >> 8) & 255, c & 255)
             if colour not in self.colour_to_index:
-                raise ValueError(f"{path}: colour {colour} is not in palette.txt")
+                raise ValueError(f"{path}: colour {colour} is not in palette.txt ({self.pal_file})")
             lut[k] = self.colour_to_index[colour]
         return lut[inverse.reshape(code.shape)]
 

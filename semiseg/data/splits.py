@@ -13,6 +13,7 @@ paper's counts (Cityscapes 1/8 -> 372, VOC 1/50 -> 212, CamVid 1/8 -> 46, ...).
 Generate lists with::
 
     python -m semiseg.data.splits camvid --ratios 1/4 1/8 1/16 --splits 0 1 2
+    python -m semiseg.data.splits folder --root /path/to/mydata --ratios 1/8   # names from train/
 
 The lists live in the repo's ``data/splits``; set ``SEMISEG_SPLITS`` to use another folder.
 """
@@ -128,16 +129,22 @@ def generate(dataset: str, ratios, splits, root=None, image_split: str = "train"
 
 
 def main(argv=None) -> None:
+    """Command line: write the lists and print their counts; bad data exits with one line."""
+    from ..config import one_line_errors
+
     p = argparse.ArgumentParser(prog="python -m semiseg.data.splits",
                                 description="Generate labeled/unlabeled split lists "
                                             "(split k is drawn with seed k).")
     p.add_argument("dataset", help="camvid, cityscapes, voc, gta5, folder or tiny")
     p.add_argument("--ratios", nargs="+", default=["1/8"], help="labeled ratios, e.g. 1/8 1/4")
     p.add_argument("--splits", nargs="+", type=int, default=[0], help="split indices (= seeds)")
-    p.add_argument("--root", default=None, help="data root (default $SEMISEG_DATA or ./data)")
+    p.add_argument("--root", default=None, help="data root (default $SEMISEG_DATA or ./data); for "
+                                                "folder, the dataset folder ($SEMISEG_DATA/folder)")
     p.add_argument("--image-split", default="train", help="dataset split to draw names from")
     args = p.parse_args(argv)
-    for d in generate(args.dataset, args.ratios, args.splits, args.root, args.image_split):
+    with one_line_errors():
+        written = generate(args.dataset, args.ratios, args.splits, args.root, args.image_split)
+    for d in written:
         n_lab = len((d / "labeled.txt").read_text().splitlines())
         n_unl = len((d / "unlabeled.txt").read_text().splitlines())
         print(f"{d}: {n_lab} labeled, {n_unl} unlabeled")
