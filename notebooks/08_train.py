@@ -102,3 +102,19 @@ assert summary["variant"] == variant and summary["seed"] == seed
 assert steps and steps[-1]["iteration"] == cfg.iterations
 if variant == "supervised":
     assert all("pseudo" not in r and "contr" not in r for r in steps)
+
+# %% [markdown]
+# ## Every config key
+#
+# Generated from the comments of `semiseg.config.Config` (also printed by
+# `python -m semiseg.train --keys`). A profile is a YAML file of some of these keys; any key can
+# be overridden on the command line (`key=value`) or in the `overrides` parameter above.
+# `base_size` resizes every image to exactly [W, H] before the random crop, whatever its size
+# and shape (the aspect ratio is not kept); `null` crops from the image as it is.
+
+# %%
+from IPython.display import Markdown, display
+
+from semiseg.config import keys_table
+
+display(Markdown(keys_table()))

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import difflib
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,31 +33,31 @@ class Config:
     data_root: str | None = None       # default: $SEMISEG_DATA or ./data
     ratio: str = "1/8"                 # labeled fraction; split lists in data/splits/
     split: int = 0                     # which seeded split (0-2)
-    base_size: list[int] | None = None  # [W, H] images are resized to before cropping
-    crop_size: list[int] = field(default_factory=lambda: [512, 512])  # [W, H]
+    base_size: list[int] | None = None  # [W, H] every image is resized to (aspect not kept), then cropped
+    crop_size: list[int] = field(default_factory=lambda: [512, 512])  # [W, H] random training crop (ignore-padded)
     eval_size: list[int] | None = None  # [W, H] network input at evaluation (None: native)
     test_split: str | None = None      # also score this split at the end; it is then the headline
     # Semi-supervised domain adaptation (§4.3.2): an extra labeled source domain X_d.
-    source_dataset: str | None = None
+    source_dataset: str | None = None  # §4.3.2: an extra labeled source domain X_d (e.g. gta5)
     source_sequences: list[str] | None = None  # CamVid only: sequences used as source
     target_sequences: list[str] | None = None  # CamVid only: sequences used as target
     # --- model ----------------------------------------------------------------------------
-    arch: str = "deeplabv2_r101"
-    pretrained: bool = True
+    arch: str = "deeplabv2_r101"      # deeplabv2_r101 | deeplabv3p_r50 | effnet_lite0_dlv3p (CPU)
+    pretrained: bool = True           # ImageNet weights for the encoder (offline: EfficientNet-Lite0)
     # --- optimisation (§4.2) --------------------------------------------------------------
-    iterations: int = 150_000
-    batch_labeled: int = 5
-    batch_unlabeled: int = 5
-    lr: float = 2e-4
-    momentum: float = 0.9
+    iterations: int = 150_000         # training iterations (§4.2: 150K)
+    batch_labeled: int = 5            # labeled images per iteration (all processes together)
+    batch_unlabeled: int = 5          # unlabeled images per iteration, each seen in num_views views
+    lr: float = 2e-4                  # SGD learning rate (§4.2: 2e-4), poly-decayed
+    momentum: float = 0.9             # SGD momentum (§4.2)
     weight_decay: float = 5e-4        # choice: the paper does not state it
     poly_power: float = 0.9           # choice: the usual DeepLab poly exponent
     head_lr_mult: float = 1.0         # new layers at this x lr; paper and official code: one rate (1)
     # --- eq. (1) loss weights and their warm-up -------------------------------------------
-    lambda_sup: float = 1.0
-    lambda_pseudo: float = 1.0
-    lambda_ent: float = 0.01
-    lambda_contr: float = 0.1
+    lambda_sup: float = 1.0           # eq. (1) weight of L_sup
+    lambda_pseudo: float = 1.0        # eq. (1) weight of L_pseudo
+    lambda_ent: float = 0.01          # eq. (1) weight of L_ent
+    lambda_contr: float = 0.1         # eq. (1) weight of L_contr
     warmup_frac: float = 2_000 / 150_000  # lambda_pseudo = lambda_contr = 0 before this
     # --- method hyper-parameters ----------------------------------------------------------
     tau_start: float = 0.995          # eq. (2) EMA decay, from 0.995 ...
@@ -73,11 +74,11 @@ class Config:
     fqf: bool = True                  # Feature Quality Filter for the bank update
     # --- run ------------------------------------------------------------------------------
     variant: str = "full"             # a name in VARIANTS: applies its overrides (see below)
-    profile: str = "paper"
-    seed: int = 0
+    profile: str = "paper"            # the profile's name, recorded in summaries
+    seed: int = 0                     # seeds weights of new layers, data order and augmentation
     eval_with: str = "student"        # student (paper, §4.2) | teacher
     eval_every: int = 0               # also score student and teacher on val every N iterations
-    log_every: int = 10
+    log_every: int = 10               # write a metrics.jsonl record every N iterations
     device: str = "auto"              # auto | cpu | cuda
     threads: int = 0                  # torch.set_num_threads; 0 = leave as is
     checkpoint_every: int = 0         # write a resumable checkpoint every N iterations (0: only at the end)
@@ -135,6 +136,25 @@ class Config:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def describe_keys() -> list[tuple[str, Any, str]]:
+    """``(key, default, meaning)`` of every config key, read from the comments of :class:`Config`."""
+    import inspect
+
+    meaning = {}
+    for line in inspect.getsource(Config).splitlines():
+        found = re.match(r"\s{4}(\w+): [^#]*#\s*(.+)$", line)
+        if found:
+            meaning[found.group(1)] = found.group(2).strip()
+    return [(name, getattr(Config(), name), meaning.get(name, "")) for name in FIELDS]
+
+
+def keys_table() -> str:
+    """The config keys as a Markdown table (``python -m semiseg.train --keys``, the train page)."""
+    rows = [f"| `{k}` | `{yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}` | "
+            f"{m.replace('|', '/')} |" for k, v, m in describe_keys()]
+    return "| key | default | meaning |\n|---|---|---|\n" + "\n".join(rows)
 
 
 def _ratio_ok(ratio) -> bool:

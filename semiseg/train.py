@@ -615,12 +615,20 @@ def load_checkpoint_model(path, teacher=False):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m semiseg.train", description="Train the method (or an ablation) on one split.")
-    parser.add_argument("config", help="YAML file or name of a shipped profile (semiseg/configs)")
+    parser.add_argument("config", nargs="?", help="YAML file or name of a shipped profile (semiseg/configs)")
+    parser.add_argument("--keys", action="store_true", help="list every config key with its default and meaning")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. iterations=100 seed=1")
     parser.add_argument("--overwrite", action="store_true", help="remove the run in the output directory, then train")
     parser.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint of the run directory")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_intermixed_args(argv)
+    if args.keys:
+        from .config import keys_table
+
+        print(keys_table())
+        return
+    if args.config is None:
+        parser.error("the config (a profile name or a YAML file) is required")
     try:
         with one_line_errors():
             cfg = load_config(args.config, args.overrides)

@@ -64,3 +64,15 @@ def test_atomic_write_leaves_old_file_when_interrupted(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         atomic_write_text(target, "new")
     assert target.read_text() == "old" and list(tmp_path.iterdir()) == [target]
+
+
+def test_every_key_is_listed_with_its_default_and_meaning(capsys):
+    from semiseg.config import FIELDS, describe_keys
+    from semiseg.train import main
+
+    main(["--keys"])
+    printed = capsys.readouterr().out
+    for key, default, meaning in describe_keys():
+        assert meaning, f"config key {key!r} has no one-line meaning in the Config class"
+        assert f"| `{key}` |" in printed
+    assert len(describe_keys()) == len(FIELDS)
