@@ -189,6 +189,48 @@ print(f"{keep.sum().item()} labeled vectors of {len(present)} classes -> scores 
 print({dataset.class_names[c]: round(scores[z_labels == c].mean().item(), 3) for c in present})
 
 # %% [markdown]
+# ### What the attention sees: `p` or `p.detach()`
+#
+# In eq. (8) the weight of a prediction vector is $S_{c,\theta}(p)$, a function of $p$ itself.
+# If $S_c$ sees $p$ with its gradient, $\mathcal{L}_{contr}$ can also fall by moving $p$
+# (and so the backbone) towards where the attention is *low*, which shrinks its own weight
+# instead of bringing $p$ closer to the memory. The official loss calls the selector on
+# `features.detach()`; the paper is silent. Config key `attention_detach` (default `True`,
+# the official behaviour) decides. The cell computes $\mathcal{L}_{contr}$ once each way on
+# the same vectors and bank: the loss value and the gradient reaching the attention modules
+# are the same, the gradient reaching the features is not.
+
+# %%
+from semiseg.config import load_config
+from semiseg.train import Trainer
+
+
+def contrastive_grads(detach):
+    torch.manual_seed(0)
+    trainer = Trainer(load_config("smoke", {"attention_detach": detach, "psi": 8}), 4, 12, "cpu")
+    g = torch.Generator().manual_seed(1)
+    for c in range(4):  # a filled bank
+        trainer.bank.push(torch.randn(8, 256, generator=g), torch.full((8,), c),
+                          torch.rand(8, generator=g), torch.arange(8), 8)
+    feats_c = torch.randn(2, trainer.student.feat_dim, 8, 8, generator=g, requires_grad=True)
+    labels_c = torch.randint(0, 4, (2, 64, 64), generator=g)
+    loss = trainer.contrastive(feats_c, labels_c, trainer.host_counts(feats_c, labels_c, 2))
+    loss.backward()
+    attention = torch.cat([p.grad.flatten() for p in trainer.student.attention_pred.parameters()])
+    return float(loss), feats_c.grad.flatten(), attention
+
+
+loss_d, grad_d, att_d = contrastive_grads(True)
+loss_n, grad_n, att_n = contrastive_grads(False)
+cosine = float(F.cosine_similarity(grad_d, grad_n, dim=0))
+print(f"L_contr: detached {loss_d:.6f} | not detached {loss_n:.6f}")
+print(f"gradient on the features: |detached| {grad_d.norm():.3e}, |not detached| "
+      f"{grad_n.norm():.3e}, cosine {cosine:.4f}")
+print(f"gradient on S_c's parameters equal: {torch.allclose(att_d, att_n)}")
+assert loss_d == loss_n and torch.allclose(att_d, att_n)
+assert not torch.allclose(grad_d, grad_n)
+
+# %% [markdown]
 # ## Run: DeepLabv2-ResNet101 (the paper's main network)
 #
 # It is built with random weights to look at its shapes and size: `feats` are ResNet layer4's
@@ -291,8 +333,12 @@ print(f"all checks passed ({time.time() - t_start:.1f} s)")
 #   8. A fully dilated stride-8 encoder would be slower on CPU. The encoder's input normalisation
 #   (mean = std = 0.5) and TF "same" padding were chosen to match the shipped weights (see the
 #   module docstring of `efficientnet_lite.py`).
-# * **Learning rates.** New layers (decoder, classifier, heads, attention) train at 10× the
-#   backbone learning rate (check 6). This is usual DeepLab practice; the paper does not say.
+# * **Learning rates.** New layers (decoder, classifier, heads, attention) train at
+#   `head_lr_mult` × the backbone learning rate (check 6). The paper gives one rate and the
+#   official optimizer has one group (`model/deeplabv2.py`, `optim_parameters`), so the paper
+#   profiles use 1; the CPU profile's value was chosen by a measurement (README).
+# * **Attention input.** $S_{c,\theta}$ sees `p.detach()` (`attention_detach`, as the official
+#   code); the paper is silent (cell above).
 # * **ASPP pooling branch.** The image-pooling branch of the DeepLabv3 ASPP has no BatchNorm, so
 #   that a batch of one still trains.
 # * **BatchNorm in the attention modules.** BatchNorm statistics are those of each class's own

@@ -21,6 +21,7 @@
 smoke = False
 seed = 0
 num_images = 3
+run_dir = ""
 
 # %%
 import json
@@ -135,24 +136,23 @@ for number in (2, 3, 4, 6, 7, 8):
 # %% [markdown]
 # ## Qualitative predictions
 #
-# Predictions of the student on CamVid val images. Checkpoints are not committed: if the
-# committed run's checkpoint is not on this machine, a short run is trained here (and says so).
+# Predictions of the student on val images, read from the run's `embeddings.npz` (written at
+# the end of every run and committed with the headline run): nothing is trained here.
+# `run_dir` points the page at another run.
 
 # %%
-from semiseg.evaluate import predict_logits, to_tensor
-from semiseg.train import build_eval_dataset, load_checkpoint_model
+from semiseg import embeddings
 from semiseg.viz import label_image
 
-checkpoint = results.trained_checkpoint("full", smoke=smoke)
-cfg, model, device = load_checkpoint_model(checkpoint)
-val = build_eval_dataset(cfg)
-palette = val.palette
-fig, axes = plt.subplots(num_images, 3, figsize=(10, 2.6 * num_images), squeeze=False)
-for row, i in enumerate(np.linspace(0, len(val) - 1, num_images).astype(int)):
-    image, label = val.load(int(i))
-    pred = predict_logits(model, to_tensor(image)[None], cfg.eval_size).argmax(1)[0].numpy()
-    for ax, shown, title in zip(axes[row], (image, label_image(label, palette), label_image(pred, palette)),
-                                ("image", "ground truth", f"prediction ({cfg.variant})")):
+data = embeddings.load(results.embeddings_path(run_dir or None, smoke=smoke))
+palette = data["palette"]
+shown_images = min(num_images, len(data["val_images"]))
+fig, axes = plt.subplots(shown_images, 3, figsize=(10, 2.6 * shown_images), squeeze=False)
+for row in range(shown_images):
+    image, label, pred = (data[k][row] for k in ("val_images", "val_labels", "val_preds"))
+    panels = (image, label_image(label, palette), label_image(pred, palette))
+    variant = data["meta"]["config"]["variant"]
+    for ax, shown, title in zip(axes[row], panels, ("image", "ground truth", f"prediction ({variant})")):
         ax.imshow(shown)
         ax.set_title(title)
         ax.axis("off")

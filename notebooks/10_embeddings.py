@@ -19,8 +19,15 @@
 # %% tags=["parameters"]
 smoke = False
 seed = 0
-num_unlabeled_images = 12
-max_points_per_class = 150
+run_dir = ""
+max_points_per_class = 120
+
+# %% [markdown]
+# The page reads the run's `embeddings.npz` (`python -m semiseg.embeddings RUN`, written at
+# the end of every run): the bank, a class-stratified sample of vectors from unlabeled images,
+# and their labels. It trains nothing. `run_dir` points it at any run, e.g.
+# `papermill ... -p run_dir runs/camvid/1-8/split0/full/seed0`; empty means the committed
+# headline run (CamVid 1/8 split 0, full method).
 
 # %%
 import matplotlib.pyplot as plt
@@ -29,22 +36,14 @@ import torch
 import torch.nn.functional as F
 import umap
 
-from semiseg import results
-from semiseg.checkpoint import read_checkpoint
-from semiseg.data import build_dataset, read_split
-from semiseg.data.sampling import load_crop, seeded
-from semiseg.models import build_model
-from semiseg.train import pixels_to_vectors
+from semiseg import embeddings, results
 
 torch.manual_seed(seed)
-checkpoint = results.trained_checkpoint("full", smoke=smoke)
-state = read_checkpoint(checkpoint)
-cfg_dict, class_names, palette = state["config"], state["class_names"], np.asarray(state["palette"]) / 255
-teacher = build_model(cfg_dict["arch"], state["num_classes"], pretrained=False)
-teacher.load_state_dict(state["teacher"])
-teacher.eval()
-memory, count = state["bank"]["memory"], state["bank"]["count"]
-print(f"checkpoint {checkpoint}: bank holds {count.tolist()} vectors per class (psi = {memory.shape[1]})")
+path = results.embeddings_path(run_dir or None, smoke=smoke)
+data = embeddings.load(path)
+class_names, palette = data["class_names"], data["palette"] / 255
+print(f"{path}: iteration {data['meta']['iteration']}, "
+      f"profile {data['meta']['config']['profile']}, seed {data['meta']['config']['seed']}")
 
 # %% [markdown]
 # ## The memory bank
@@ -52,33 +51,24 @@ print(f"checkpoint {checkpoint}: bank holds {count.tolist()} vectors per class (
 # Each class keeps its newest ψ high-quality teacher vectors (FQF + ranking by $S_{c,\xi}$).
 
 # %%
-bank_vectors = torch.cat([memory[c, : int(count[c])] for c in range(len(count))])
-bank_labels = torch.cat([torch.full((int(count[c]),), c) for c in range(len(count))])
-print(f"{len(bank_vectors)} bank vectors")
+bank_vectors = torch.from_numpy(data["bank_vectors"]).float()
+bank_labels = torch.from_numpy(data["bank_labels"]).long()
+count = torch.bincount(bank_labels, minlength=len(class_names))
+print({name: int(n) for name, n in zip(class_names, count)})
 
 # %% [markdown]
 # ## Unlabeled-image features
 #
-# Projection vectors of the teacher on unlabeled training images, at feature resolution,
-# labelled with the (unused in training) ground truth for colouring only.
+# Teacher projections $g_\xi(f_\xi^-(x_u))$ of pixels of unlabeled training images, the space
+# the bank lives in, sampled per class and coloured by their true label (which training never
+# reads).
 
 # %%
-dataset = build_dataset(cfg_dict["dataset"], "train", cfg_dict["data_root"])
-if cfg_dict["dataset"] == "tiny":
-    unlabeled_names = dataset.names[len(dataset.names) // 4:]
-else:
-    unlabeled_names = read_split(cfg_dict["dataset"], cfg_dict["ratio"], cfg_dict["split"])[1]
-unlabeled = dataset.subset(unlabeled_names[: (2 if smoke else num_unlabeled_images)])
-feats, labels = [], []
-with torch.no_grad():
-    for i in range(len(unlabeled)):
-        image, label = load_crop(unlabeled, i, cfg_dict["base_size"], cfg_dict["base_size"] or cfg_dict["crop_size"], seeded(seed, i))
-        _, v = teacher(image[None])
-        vectors, vec_labels, _ = pixels_to_vectors(v, label[None])
-        keep = vec_labels != 255
-        feats.append(teacher.projection(vectors[keep]))
-        labels.append(vec_labels[keep])
-unl_vectors, unl_labels = torch.cat(feats), torch.cat(labels)
+unl_vectors = torch.from_numpy(data["proj_vectors"]).float()
+unl_labels = torch.from_numpy(data["pred_true"]).long()
+pseudo = torch.from_numpy(data["pred_pseudo"]).long()
+print(f"{len(unl_vectors)} unlabeled vectors; their pseudo-labels (eq. 5) agree with the truth "
+      f"for {float((pseudo == unl_labels).float().mean()):.1%}")
 
 
 def subsample(vectors, labels, per_class, generator):
@@ -96,9 +86,11 @@ unl_s, unl_l = subsample(unl_vectors, unl_labels, max_points_per_class, g)
 print(f"UMAP on {len(bank_s)} bank + {len(unl_s)} unlabeled vectors")
 
 # %%
-points = F.normalize(torch.cat([bank_s, unl_s]), dim=1).numpy()  # the loss compares directions (eq. 9)
-embedding = umap.UMAP(n_neighbors=15, min_dist=0.1, metric="euclidean", random_state=seed,
-                      n_epochs=50 if smoke else 200).fit_transform(points)
+# the loss compares directions (eq. 9): embed unit vectors
+points = F.normalize(torch.cat([bank_s, unl_s]), dim=1).numpy()
+reducer = umap.UMAP(n_neighbors=15, min_dist=0.1, metric="euclidean", random_state=seed,
+                    n_jobs=1, n_epochs=50 if smoke else 200)
+embedding = reducer.fit_transform(points)
 emb_bank, emb_unl = embedding[: len(bank_s)], embedding[len(bank_s):]
 fig, axes = plt.subplots(1, 2, figsize=(12, 5), sharex=True, sharey=True)
 for c, name in enumerate(class_names):
@@ -148,7 +140,10 @@ print(f"mean same-class similarity {diag:.3f}, mean other-class similarity {off:
 
 # %%
 assert embedding.shape == (len(points), 2) and np.isfinite(embedding).all()
-assert int(count.sum()) == len(bank_vectors) and (count <= memory.shape[1]).all()
+psi = data["meta"]["config"]["psi"]
+assert int(count.sum()) == len(bank_vectors) and (count <= psi).all()
+# every class with bank entries appears in the bank's embedding
+assert set(bank_l.unique().tolist()) == set(torch.nonzero(count).flatten().tolist())
 if not smoke and len(classes) > 1:
     # a trained model's unlabeled features point to their own class's bank vectors more than to others
     assert diag > off, (diag, off)

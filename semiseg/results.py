@@ -50,26 +50,29 @@ def paper_table(number, path=BOOK / "paper_tables.csv"):
         return [{**row, "miou": float(row["miou"])} for row in csv.DictReader(f) if row["table"] == str(number)]
 
 
-def trained_checkpoint(variant="full", smoke=False, short_iterations=400):
-    """A checkpoint for the qualitative pages: the committed CamVid quick run's if it is on disk
-    (checkpoints are not committed), else a short run trained here (said clearly), else — with
-    ``smoke`` or without CamVid — the seconds-long smoke profile on TinyShapes."""
+HEADLINE_RUN = BOOK / "results" / "camvid" / "1-8" / "split0" / "full" / "seed0"
+
+
+def embeddings_path(run_dir=None, smoke=False):
+    """``embeddings.npz`` of a run for the qualitative pages: the run's committed file if there is
+    one, else written from its ``checkpoint.pt``; with ``smoke``, or when the run has neither,
+    the seconds-long smoke profile on TinyShapes is trained (said clearly). Nothing else trains."""
     from .config import load_config
-    from .data import data_root
+    from .embeddings import export
     from .train import train
 
-    committed = BOOK / "results" / "camvid" / "1-8" / "split0" / variant / "seed0" / "checkpoint.pt"
-    if committed.exists() and not smoke:
-        return committed
-    if smoke or not (data_root() / "camvid").is_dir():
-        # FQF off: a few smoke iterations never reach phi, and the bank would stay empty
-        cfg = load_config("smoke", {"fqf": False, "out_dir": str(BOOK.parent / "runs" / "book" / f"smoke_{variant}")})
-    else:
-        cfg = load_config("camvid_quick", {"iterations": short_iterations, "checkpoint_every": 0,
-                                           "out_dir": str(BOOK.parent / "runs" / "book" / f"short_{variant}_{short_iterations}")})
-    path = cfg.run_dir() / "checkpoint.pt"
+    run_dir = Path(run_dir) if run_dir else HEADLINE_RUN
+    if not smoke:
+        if (run_dir / "embeddings.npz").exists():
+            return run_dir / "embeddings.npz"
+        if (run_dir / "checkpoint.pt").exists():
+            return export(run_dir)
+        print(f"{run_dir} holds neither embeddings.npz nor checkpoint.pt: using a smoke run instead")
+    # FQF off: a few smoke iterations never reach phi, and the bank would stay empty
+    cfg = load_config("smoke", {"fqf": False, "out_dir": str(BOOK.parent / "runs" / "book" / "smoke_full")})
+    path = cfg.run_dir() / "embeddings.npz"
     if not path.exists():
-        print(f"no trained checkpoint found: training a short {cfg.profile} run ({cfg.iterations} iterations) into {cfg.run_dir()}")
+        print(f"training the seconds-long smoke run into {cfg.run_dir()} (TinyShapes: the pictures mean nothing)")
         train(cfg, progress=False, overwrite=True)
     return path
 

@@ -18,6 +18,7 @@ import random
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -572,9 +573,22 @@ def _train(cfg, info, run_dir, trainer, batches, val, commit, progress):
     metrics.add({"iteration": cfg.iterations, "val_miou": summary["val_miou"], "teacher_val_miou": summary["teacher_val_miou"]})
     write_json(run_dir / "summary.json", summary, indent=2)
     write_status(run_dir, "finished", iteration=cfg.iterations)
+    write_embeddings(run_dir)
     distributed.barrier(info)
     distributed.destroy(info)
     return summary
+
+
+def write_embeddings(run_dir):
+    """``embeddings.npz`` beside the summary (:mod:`semiseg.embeddings`): what the book's pages read.
+    A failure here costs the run nothing, so it is a warning, not an error."""
+    from .embeddings import export
+
+    try:
+        export(run_dir)
+    except Exception as err:  # noqa: BLE001 -- the run itself is finished and saved
+        warnings.warn(f"{run_dir}: embeddings.npz not written ({type(err).__name__}: {err}); "
+                      f"write it with python -m semiseg.embeddings {run_dir}", stacklevel=2)
 
 
 def eval_model(trainer):

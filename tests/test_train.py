@@ -145,3 +145,20 @@ def test_warmup_zeroes_pseudo_and_contr_only():
     assert trainer.lambdas() == {"sup": 1.0, "pseudo": 0.0, "ent": 0.01, "contr": 0.0}
     trainer.iteration = 2
     assert trainer.lambdas() == {"sup": 1.0, "pseudo": 1.0, "ent": 0.01, "contr": 0.1}
+
+
+def test_every_run_writes_a_small_embeddings_artifact(run):
+    from semiseg import embeddings
+
+    cfg, _ = run
+    data = embeddings.load(cfg.run_dir() / "embeddings.npz")
+    assert (cfg.run_dir() / "embeddings.npz").stat().st_size <= embeddings.LIMIT
+    state = torch.load(cfg.run_dir() / "checkpoint.pt", weights_only=False)
+    count = state["bank"]["count"]
+    assert len(data["bank_vectors"]) == int(count.sum()) and data["bank_vectors"].dtype.name == "float16"
+    for c in range(len(count)):  # the bank's vectors, class by class, newest first
+        want = state["bank"]["memory"][c, : int(count[c])].half().numpy()
+        got = data["bank_vectors"][data["bank_labels"] == c]
+        assert (got == want).all() and (data["bank_slots"][data["bank_labels"] == c] == range(int(count[c]))).all()
+    assert len(data["pred_vectors"]) == len(data["pred_true"]) == len(data["proj_vectors"]) > 0
+    assert data["val_images"].shape[:3] == data["val_preds"].shape and data["meta"]["iteration"] == 6
