@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .config import load_config
+from .models import build_model
 from .run_dir import atomic_write
 
 REQUIRED = ("config", "num_classes", "student", "teacher", "optimizer", "bank", "class_counts", "iteration")
@@ -87,3 +89,25 @@ def check_compatible(state, arch, num_classes, path):
         raise ValueError(f"checkpoint {path} is for arch {saved_arch!r}, but the config asks for {arch!r}")
     if state["num_classes"] != num_classes:
         raise ValueError(f"checkpoint {path} has {state['num_classes']} classes, but the dataset has {num_classes}")
+
+
+def resolve_device(cfg):
+    """The torch device of a config; asking for CUDA or bf16 where they are missing is a one-line error."""
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("config key 'device' = 'cuda' but no CUDA device is available (use device=cpu)")
+    device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto" else cfg.device)
+    if cfg.precision == "bf16" and device == "cuda" and not torch.cuda.is_bf16_supported():
+        raise RuntimeError(f"config key 'precision' = 'bf16' but {torch.cuda.get_device_name()} has no bfloat16 support (use precision=fp32)")
+    return device
+
+
+def load_checkpoint_model(path, teacher=False):
+    """(config, model in eval mode, device) from a checkpoint written by :func:`train`."""
+    if not Path(path).exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    state = read_checkpoint(path)
+    cfg = load_config(overrides=state["config"])
+    device = resolve_device(cfg)
+    model = build_model(cfg.arch, state["num_classes"], pretrained=False)
+    model.load_state_dict(state["teacher" if teacher else "student"])
+    return cfg, model.to(device).eval(), device

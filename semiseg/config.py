@@ -47,7 +47,7 @@ class Config:
     # --- optimisation (§4.2) --------------------------------------------------------------
     iterations: int = 150_000         # training iterations (§4.2: 150K)
     batch_labeled: int = 5            # labeled images per iteration (all processes together)
-    batch_unlabeled: int = 5          # unlabeled images per iteration, each seen in num_views views
+    batch_unlabeled: int = 5          # choice: unlabeled images per step (x num_views); official: batch // 2
     lr: float = 2e-4                  # SGD learning rate (§4.2: 2e-4), poly-decayed
     momentum: float = 0.9             # SGD momentum (§4.2)
     weight_decay: float = 5e-4        # choice: the paper does not state it

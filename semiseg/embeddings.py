@@ -46,7 +46,7 @@ def collect(state, num_unlabeled=24, per_class=120, num_val=3, seed=0):
     from .data.sampling import load_resized
     from .evaluate import predict_logits
     from .models import build_model
-    from .train import build_eval_dataset, build_train_data
+    from .data.sets import build_eval_dataset, build_train_data
 
     cfg = load_config(overrides=state["config"])
     C = state["num_classes"]

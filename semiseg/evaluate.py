@@ -13,7 +13,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .data.datasets import to_tensor
 from .losses import class_histogram
+
+__all__ = ["confusion_matrix", "evaluate", "iou_from_confusion", "predict_logits", "to_tensor"]
 
 
 def confusion_matrix(pred, target, num_classes, ignore_index=255):
@@ -31,11 +34,6 @@ def iou_from_confusion(conf):
     tp = conf.diag()
     union = conf.sum(0) + conf.sum(1) - tp
     return torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, float("nan")))
-
-
-def to_tensor(image):
-    """uint8 [H, W, 3] numpy -> float [3, H, W] in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255)
 
 
 @torch.no_grad()
@@ -74,7 +72,8 @@ def evaluate(model, dataset, size=None, device="cpu", progress=False):
 
 def main(argv=None):
     from .config import one_line_errors
-    from .train import build_eval_dataset, load_checkpoint_model
+    from .checkpoint import load_checkpoint_model
+    from .data.sets import build_eval_dataset
 
     parser = argparse.ArgumentParser(prog="python -m semiseg.evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint")

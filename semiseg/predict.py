@@ -16,7 +16,8 @@ import numpy as np
 from PIL import Image
 
 from .data.datasets import read_image
-from .evaluate import predict_logits, to_tensor
+from .data.datasets import to_tensor
+from .evaluate import predict_logits
 from .run_dir import atomic_write
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}

@@ -28,69 +28,17 @@ import torch.nn.functional as F
 from . import distributed, losses
 from .checkpoint import (atomic_torch_save, check_compatible, newest_valid_checkpoint, read_checkpoint,
                          rng_state, save_checkpoint, set_rng_state)
+from .checkpoint import load_checkpoint_model, resolve_device  # noqa: F401 (re-exported)
 from .config import Config, load_config, one_line_errors, save_config, source_commit
-from .data import build_dataset, read_split
 from .data.augment import STRONG, WEAK, augment
 from .data.sampling import Batches, seeded
+from .data.sets import build_eval_dataset, build_train_data, eval_splits  # noqa: F401 (re-exported)
 from .evaluate import evaluate
 from .memory_bank import ClassMemoryBank, bank_quota, feature_quality_filter
 from .models import build_model
 from .run_dir import (Interrupted, MetricsLog, NoLog, RunLock, StopSignals, check_resume_config, remove_run_files,
                       write_json, write_status)
 from .teacher import ema_update, make_teacher, tau_schedule
-
-
-# ----------------------------------------------------------------------------- data
-def build_train_data(cfg: Config):
-    """Labeled and unlabeled training sets from the committed split lists (§4.1; 'tiny' builds its own)."""
-    full = build_dataset(cfg.dataset, "train", cfg.data_root)
-    if cfg.dataset == "tiny":
-        names = full.names
-        n = max(1, math.ceil(len(names) / int(cfg.ratio.split("/")[1])))
-        labeled, unlabeled = names[:n], names[n:]
-    elif cfg.ratio == "1/1":  # the fully supervised ceiling: every training image labeled
-        labeled, unlabeled = list(full.names), []
-    else:
-        labeled, unlabeled = read_split(cfg.dataset, cfg.ratio, cfg.split)
-    source = None
-    if cfg.target_sequences:
-        keep = tuple(s + "_" for s in cfg.target_sequences)
-        labeled = [n for n in labeled if n.startswith(keep)]
-        unlabeled = [n for n in unlabeled if n.startswith(keep)]
-    if cfg.source_dataset:
-        src = build_dataset(cfg.source_dataset, "train", cfg.data_root)
-        if cfg.source_sequences:
-            src = src.subset([n for n in src.names if n.startswith(tuple(s + "_" for s in cfg.source_sequences))])
-        source = src
-    if not labeled:
-        raise ValueError(f"the labeled split of {cfg.dataset} {cfg.ratio} split{cfg.split} is empty")
-    if not unlabeled and (cfg.lambda_pseudo or cfg.lambda_ent) and not cfg.source_dataset:
-        # a semi-supervised variant with nothing unlabeled would silently train supervised-only
-        raise ValueError(f"variant {cfg.variant!r} needs unlabeled images, but {cfg.dataset} ratio {cfg.ratio} "
-                         f"split{cfg.split} has none (use variant=supervised)")
-    return full.subset(labeled), full.subset(unlabeled), source
-
-
-def build_eval_dataset(cfg: Config, split="val"):
-    """The images of ``split`` a run is scored on.
-
-    With ``target_sequences`` (domain adaptation) only the target's frames of that split, when it
-    has any: CamVid's test split holds 62 frames of the dusk sequence 0001TP, so the demo is scored
-    inductively on frames never trained on. CamVid's val split holds none, so val stays whole (a
-    documented choice: val is only used to choose settings).
-    """
-    dataset = build_dataset(cfg.dataset, split, cfg.data_root)
-    if cfg.target_sequences:
-        keep = tuple(s + "_" for s in cfg.target_sequences)
-        target = [n for n in dataset.names if n.startswith(keep)]
-        if target:
-            dataset = dataset.subset(target)
-    return dataset
-
-
-def eval_splits(cfg: Config):
-    """The splits a finished run is scored on: ``test_split`` first (the headline) when set, then val."""
-    return [cfg.test_split, "val"] if cfg.test_split and cfg.test_split != "val" else ["val"]
 
 
 # ----------------------------------------------------------------------------- the step
@@ -376,16 +324,6 @@ class Trainer:
 
 
 # ----------------------------------------------------------------------------- the loop
-def resolve_device(cfg):
-    """The torch device of a config; asking for CUDA or bf16 where they are missing is a one-line error."""
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("config key 'device' = 'cuda' but no CUDA device is available (use device=cpu)")
-    device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto" else cfg.device)
-    if cfg.precision == "bf16" and device == "cuda" and not torch.cuda.is_bf16_supported():
-        raise RuntimeError(f"config key 'precision' = 'bf16' but {torch.cuda.get_device_name()} has no bfloat16 support (use precision=fp32)")
-    return device
-
-
 def seed_everything(seed, deterministic=False):
     random.seed(seed)
     np.random.seed(seed)
@@ -613,18 +551,6 @@ def score_run(trainer, cfg, progress=False):
             scores[name][split] = {"miou": round(result["miou"], 4), "per_class_iou": result["per_class_iou"],
                                    "images": len(dataset)}
     return scores
-
-
-def load_checkpoint_model(path, teacher=False):
-    """(config, model in eval mode, device) from a checkpoint written by :func:`train`."""
-    if not Path(path).exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    state = read_checkpoint(path)
-    cfg = load_config(overrides=state["config"])
-    device = resolve_device(cfg)
-    model = build_model(cfg.arch, state["num_classes"], pretrained=False)
-    model.load_state_dict(state["teacher" if teacher else "student"])
-    return cfg, model.to(device).eval(), device
 
 
 def main(argv=None):

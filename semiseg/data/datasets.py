@@ -450,15 +450,6 @@ class FolderDataset(SegDataset):
         return lut[inverse.reshape(code.shape)]
 
 
-def build_dataset(name: str, split: str = "train", root=None) -> SegDataset:
-    """Build a dataset by name: camvid, cityscapes, voc, gta5, folder, tiny."""
-    from .tiny import TinyShapes
-
-    builders = {"camvid": CamVid, "cityscapes": Cityscapes, "voc": VOC, "gta5": GTA5,
-                "folder": FolderDataset}
-    key = name.lower()
-    if key == "tiny":
-        return TinyShapes(split)
-    if key not in builders:
-        raise ValueError(f"unknown dataset {name!r}; valid: {', '.join([*builders, 'tiny'])}")
-    return builders[key](root, split)
+def to_tensor(image):
+    """uint8 [H, W, 3] numpy -> float [3, H, W] in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..evaluate import to_tensor
+from .datasets import to_tensor
 
 IGNORE = 255
 

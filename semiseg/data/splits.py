@@ -117,7 +117,7 @@ def read_split(dataset: str, ratio: str, split: int) -> tuple[list[str], list[st
 
 def generate(dataset: str, ratios, splits, root=None, image_split: str = "train") -> list[Path]:
     """Make and write split lists for every ratio and split index (split k uses seed k)."""
-    from .datasets import build_dataset
+    from .registry import build_dataset
 
     names = build_dataset(dataset, image_split, root).names
     written = []
