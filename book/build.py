@@ -21,14 +21,15 @@ def package_hash():
 
 
 def copy_notebooks():
-    """notebooks/*.py -> book/notebooks/, with the package hash as a comment in the parameters cell."""
+    """notebooks/*.py -> book/notebooks/, each with a last code cell holding the package hash: it
+    changes the notebook's code when semiseg/ changes (Jupyter Book's cache is keyed on the code),
+    and its ``remove-cell`` tag keeps it off the site (build plumbing, not for readers)."""
     out = BOOK / "notebooks"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir()
-    tag = f"# semiseg source hash {package_hash()} (invalidates the execution cache)\n"
+    tag = f'\n# %% tags=["remove-cell"]\n# semiseg source hash {package_hash()} (invalidates the execution cache)\n'
     for src in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.py")):
-        text = src.read_text().replace('# %% tags=["parameters"]\n', '# %% tags=["parameters"]\n' + tag, 1)
-        (out / src.name).write_text(text)
+        (out / src.name).write_text(src.read_text().rstrip("\n") + "\n" + tag)
 
 
 def local_mathjax():

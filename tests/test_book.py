@@ -60,6 +60,12 @@ def test_page(site, browser, page_path):
     text = page.inner_text("main") if page.query_selector("main") else page.inner_text("body")
     if "Traceback (most recent call last)" in text or "Error Traceback" in text:
         problems.append("a Python traceback in an output")
+    if "semiseg source hash" in text:
+        problems.append("the execution-cache key is shown to readers")
+    warnings = page.eval_on_selector_all(
+        ".output.stderr, .cell_output .stderr",
+        "blocks => blocks.map(b => b.innerText).filter(t => /Warning/.test(t))")
+    problems += [f"a warning block: {w.strip().splitlines()[0][:160]}" for w in warnings]
     has_math = page.evaluate("document.querySelectorAll('.math, div.math, span.math').length") > 0
     if has_math:
         page.wait_for_selector("mjx-container", timeout=20000)
@@ -100,3 +106,13 @@ def test_execution_cache_key_follows_the_package(tmp_path, monkeypatch):
     before = build.package_hash()
     (tmp_path / "semiseg" / "losses.py").write_text("x = 2\n")
     assert build.package_hash() != before
+    (tmp_path / "notebooks").mkdir()
+    (tmp_path / "notebooks" / "01_x.py").write_text('# %% tags=["parameters"]\nsmoke = False\n')
+    monkeypatch.setattr(build, "BOOK", tmp_path / "book")
+    (tmp_path / "book").mkdir()
+    build.copy_notebooks()
+    import jupytext
+
+    cells = jupytext.read(tmp_path / "book" / "notebooks" / "01_x.py").cells
+    assert cells[0].metadata.get("tags") == ["parameters"]  # papermill's cell stays first
+    assert build.package_hash() in cells[-1].source and cells[-1].metadata["tags"] == ["remove-cell"]
