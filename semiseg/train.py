@@ -476,6 +476,11 @@ def _train(cfg, info, run_dir, trainer, batches, val, commit, progress):
                     distributed.barrier(info)
                 if record:
                     metrics.add(record)
+                if main and it + 1 == cfg.iterations // 2:
+                    notes = halfway_warnings(cfg, trainer, metrics)
+                    for note in notes:
+                        print(f"warning: {note}", file=sys.stderr)
+                    write_status(run_dir, "running", iteration=it + 1, processes=info.world, warnings=notes)
                 if signals is not None and signals.pending and it + 1 < cfg.iterations:
                     save_checkpoint(run_dir, state(), cfg.keep_checkpoints)
                     name = signal.Signals(signals.pending).name
@@ -510,11 +515,36 @@ def _train(cfg, info, run_dir, trainer, batches, val, commit, progress):
                "torch": torch.__version__, "commit": commit, "machine": machine_name(device)}
     metrics.add({"iteration": cfg.iterations, "val_miou": summary["val_miou"], "teacher_val_miou": summary["teacher_val_miou"]})
     write_json(run_dir / "summary.json", summary, indent=2)
-    write_status(run_dir, "finished", iteration=cfg.iterations)
+    notes = halfway_warnings(cfg, trainer, metrics) if main and cfg.iterations >= 2 else []
+    if notes:
+        summary["warnings"] = notes
+        write_json(run_dir / "summary.json", summary, indent=2)
+    write_status(run_dir, "finished", iteration=cfg.iterations, **({"warnings": notes} if notes else {}))
     write_embeddings(run_dir)
     distributed.barrier(info)
     distributed.destroy(info)
     return summary
+
+
+def halfway_warnings(cfg, trainer, metrics):
+    """One-line warnings for a semi-supervised run whose unlabeled terms are not working by half
+    of the schedule (issue #10): an empty memory bank, or pseudo-label weights of about 0. Each
+    names the likely cause and what to change. Checked at half the schedule and again at the end."""
+    notes = []
+    half = cfg.iterations // 2
+    warm = round(cfg.warmup_frac * cfg.iterations)
+    if cfg.lambda_contr and int(trainer.bank.count.sum()) == 0:
+        notes.append(f"the memory bank is still empty at iteration {trainer.iteration} of {cfg.iterations}, so "
+                     f"L_contr is 0: the Feature Quality Filter admits only correct teacher predictions with "
+                     f"confidence > phi = {cfg.phi}; lower phi, or train longer (the warm-up ends at {warm})")
+    betas = [r["pseudo_beta"] for r in getattr(metrics, "records", []) if "pseudo_beta" in r
+             and r["iteration"] > max(warm, half // 2)]
+    if cfg.lambda_pseudo and betas and sum(betas) / len(betas) < 1e-3:
+        notes.append(f"the pseudo-label weights beta = confidence^{cfg.sharpen:g} average "
+                     f"{sum(betas) / len(betas):.1e} after the warm-up (iteration {warm}), so L_pseudo "
+                     f"barely trains: the teacher is not yet confident; train longer, raise warmup_frac, "
+                     f"or lower sharpen")
+    return notes
 
 
 def write_embeddings(run_dir):

@@ -133,3 +133,15 @@ def test_compare_honours_out_dir_and_never_compares_a_run_with_itself(tmp_path, 
     assert "gain of the full method over supervised-only" in out
     with pytest.raises(SystemExit, match="names a variant twice"):
         compare.main(["smoke", "iterations=2", f"out_dir={tmp_path}", "--variants", "full", "full"])
+
+
+def test_a_run_whose_bank_never_fills_says_so(tmp_path, capsys):
+    cfg = load_config("smoke", {"out_dir": str(tmp_path), "iterations": 4, "phi": 0.999999})
+    summary = train(cfg, progress=False)
+    (note,) = [n for n in summary["warnings"] if "memory bank is still empty" in n]
+    assert "phi = 0.999999" in note and "lower phi" in note
+    assert "warning: the memory bank is still empty at iteration 2 of 4" in capsys.readouterr().err
+    status = json.loads((tmp_path / "status.json").read_text())
+    assert status["status"] == "finished" and status["warnings"] == summary["warnings"]
+    assert "warnings" not in train(load_config("smoke", {"out_dir": str(tmp_path / "sup"), "iterations": 4,
+                                                         "variant": "supervised"}), progress=False)
