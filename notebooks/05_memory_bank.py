@@ -226,6 +226,30 @@ plt.show()
 # bank with the paper's quota for CamVid (ψ = 256, K = 5): what comes out are the indices of the
 # top-5 pixels per image and class by S_c,ξ. (The attention modules are barely trained here, so
 # the choice is close to arbitrary — the mechanics are the point.)
+#
+# What this hand-made update does differently from `Trainer.update_bank`
+# (`semiseg/train.py`), exactly:
+#
+# * **One generator.** The weak view comes from one generator for the whole batch,
+#   `seeded(cfg.seed, steps, 7)`. `Trainer.step` gives every sample its own generator
+#   (`Trainer.generators(0, B)`: seed, iteration, 7, stream 0 and the sample's place in
+#   the global batch) and hands `update_bank` the very views of its L_sup. So the crops,
+#   flips and colours here are not the ones training would use at iteration `steps`.
+# * **No FQF.** `push` gets no `valid` mask, so every labeled pixel (ignore excluded) is
+#   a candidate. `update_bank` passes `feature_quality_filter(logits, labels, φ)` of the
+#   teacher as `valid` when `fqf` is on. This page's config has `fqf=False`, so for this
+#   run the two agree; with the paper's settings only pixels that the teacher predicts
+#   correctly with confidence > φ = 0.95 would be candidates.
+# * **Another bank.** A fresh bank of ψ = 256 (K = 5) is fed pixel indices; the trainer
+#   pushes the projections Z' into its own bank (ψ = 16 here, K = 1).
+# * **Image ids** are 0 … B − 1 instead of the images' dataset indices: the grouping per
+#   image, and so the choice, is the same.
+# * **The teacher's forward pass** is called directly (`teacher(x_la)`); `update_bank`
+#   goes through `Trainer.forward` (channels_last in the CPU profile): the same values
+#   up to float rounding.
+#
+# The ranking itself is the same: `attention_proj` of the eval-mode teacher on Z', with
+# ignore-labeled pixels counted as class 0 for the call and then dropped by `push`.
 
 # %%
 x_l, y_l, ids_l = labeled_batches(steps)

@@ -8,7 +8,11 @@ fully supervised ceiling (ratio 1/1) with seeds 0-2: 21 runs. ``--jobs 2`` train
 side with one thread each (the fastest use of 2 cores, ``python -m semiseg.bench --parts
 throughput``); ``--results DIR`` writes the runs under DIR instead of ``book/results`` (a grid run
 from a ``git worktree`` of one commit writes into the main checkout); ``--set key=value`` adds an
-override to every run. Unfinished runs resume from their newest checkpoint.
+override to every run. Unfinished runs resume from their newest checkpoint. ``--code DIR``
+trains with the notebook and package of another checkout (a ``git worktree`` of the grid's
+commit), so every run of a grid comes from one commit while this checkout changes;
+``--commit`` commits each finished run's small files (summary, metrics, config, status,
+embeddings) to the git repository that holds its folder as soon as it lands.
 
 Each run is ``notebooks/08_train.py`` executed with its parameters; the executed notebook
 (``train.ipynb``, not committed) and the run's ``summary.json`` land in
@@ -23,7 +27,9 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import os
+import subprocess
 import sys
+import time
 import threading
 from pathlib import Path
 
@@ -78,18 +84,19 @@ def plan(grid, profile, seeds, splits, results=None, extra=""):
     return runs
 
 
-def execute(params, kernel="python3"):
-    """Run the train notebook for one run; returns None, or a one-line failure naming notebook and cell."""
+def execute(params, kernel="python3", code=ROOT):
+    """Run the train notebook of checkout ``code`` for one run; returns None, or a one-line failure
+    naming notebook and cell."""
     import jupytext
     import papermill
 
     out = Path(params["out_dir"])
     out.mkdir(parents=True, exist_ok=True)
     source = out / ".train.source.ipynb"
-    jupytext.write(jupytext.read(NOTEBOOK), source)
+    jupytext.write(jupytext.read(Path(code) / "notebooks" / "08_train.py"), source)
     final, tmp = out / "train.ipynb", out / ".train.tmp.ipynb"
     try:
-        papermill.execute_notebook(str(source), str(tmp), parameters=params, kernel_name=kernel, cwd=str(ROOT),
+        papermill.execute_notebook(str(source), str(tmp), parameters=params, kernel_name=kernel, cwd=str(code),
                                    progress_bar=False)
         return None
     except papermill.PapermillExecutionError as err:
@@ -101,6 +108,27 @@ def execute(params, kernel="python3"):
         source.unlink(missing_ok=True)
 
 
+SMALL_FILES = ("summary.json", "metrics.jsonl", "config.yaml", "status.json", "embeddings.npz")
+
+
+def commit_run(out, name, tries=20):
+    """Commit a finished run's small files to the git repository holding ``out`` (only those paths:
+    whatever else is staged there stays staged). Retries while another git process holds the index."""
+    files = [str(out / f) for f in SMALL_FILES if (out / f).exists()]
+    for _ in range(tries):
+        add = subprocess.run(["git", "add", "-f", *files], cwd=out, capture_output=True, text=True)
+        done = add.returncode == 0 and subprocess.run(
+            ["git", "commit", "-q", "-m", f"Reproduction run {name.split('] ', 1)[-1]}: {out.name} of "
+             f"{out.parent.name} ({out.parent.parent.parent.name}, {out.parent.parent.name})", "--", *files],
+            cwd=out, capture_output=True, text=True).returncode == 0
+        if done:
+            print(f"{name}: committed {len(files)} files", flush=True)
+            return True
+        time.sleep(3)
+    print(f"{name}: could not commit {out} (git busy?); commit it by hand", flush=True)
+    return False
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m semiseg.reproduce", description=__doc__.splitlines()[0])
     parser.add_argument("grid", choices=sorted(GRIDS))
@@ -110,7 +138,12 @@ def main(argv=None):
     parser.add_argument("--jobs", type=int, default=1, help="runs trained side by side (threads = cores / jobs each)")
     parser.add_argument("--results", default=None, help="folder for the runs (default book/results)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every run")
+    parser.add_argument("--code", default=str(ROOT), help="checkout whose notebook and package train the runs")
+    parser.add_argument("--commit", action="store_true", help="git-commit each finished run's small files")
     args = parser.parse_args(argv)
+    code = Path(args.code).resolve()
+    if code != ROOT:  # the kernel imports semiseg from that checkout
+        os.environ["PYTHONPATH"] = os.pathsep.join([str(code), *filter(None, [os.environ.get("PYTHONPATH")])])
     extra = list(args.set)
     if args.jobs > 1 and not any(o.startswith("threads=") for o in extra):
         extra.append(f"threads={max(1, (os.cpu_count() or 1) // args.jobs)}")
@@ -128,13 +161,15 @@ def main(argv=None):
     def one(item):
         name, params = item
         print(f"{name}: running -> {params['out_dir']}", flush=True)
-        failure = execute(params)
+        failure = execute(params, code=code)
         with lock:
             if failure:
                 print(f"{name}: FAILED {failure}", flush=True)
                 failures.append(failure)
             else:
                 print(f"{name}: finished", flush=True)
+                if args.commit:
+                    commit_run(Path(params["out_dir"]), name)
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         list(pool.map(one, todo))
