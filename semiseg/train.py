@@ -154,7 +154,9 @@ class Trainer:
             x_s, y_s, _ = self.to_device(source)
             x_sa, y_sa, _ = augment(x_s, y_s, None, WEAK, self.generators(1, x_s.shape[0]))
             x_la, y_la = torch.cat([x_la, x_sa]), torch.cat([y_la, y_sa])
-        class_counts = losses.class_histogram(y_la.clamp(max=self.C), self.C + 1)[: self.C]  # 255 -> bin C
+        # alpha's class frequencies (eq. 3): labeled pixels (255 -> bin C, dropped) and pseudo-labels;
+        # in domain adaptation the source images' labels count too (a choice: the paper is silent)
+        class_counts = losses.class_histogram(y_la.clamp(max=self.C), self.C + 1)[: self.C]
         inputs, targets, conf_u, B_u = x_la, y_la, None, 0
         stats = {}
         if semi:
