@@ -79,7 +79,8 @@ for ratio in RATIOS:
         row = {"ratio": ratio, "variant": variant}
         for m in ("student", "teacher"):
             for s in ("test", "val"):
-                values = list(results.cells(runs, m, s).get((ratio, variant), {}).values())
+                per_split = results.cells(runs, m, s).get((ratio, variant), {})
+                values = list(per_split.values())
                 row[f"{m} {s}"] = mean_std(values)
         student = list(results.cells(runs).get((ratio, variant), {}).values())
         if student and top:
@@ -149,8 +150,9 @@ paper = {r["labels"]: r["miou"] for r in results.paper_table(2)
          if r["method"] == "Ours" and r["pretraining"] == "ImageNet"
          and r["architecture"] == "DeepLabv2-R101"}
 fractions = [(1 / 30, "1/30"), (1 / 8, "1/8"), (1 / 4, "1/4")]
-right.plot([f for f, _ in fractions], [100 * paper[k] / paper["FS"] for _, k in fractions],
-           "k--s", label="paper, Table 2 (Cityscapes)")
+paper_rel = [100 * paper[k] / paper["FS"] for _, k in fractions]
+right.plot([f for f, _ in fractions], paper_rel, "k--s",
+           label="paper, Table 2 (Cityscapes)")
 left.set(xscale="log", xlabel="labeled images", ylabel=f"{split} mIoU (%)",
          title=f"CamVid {split}, {model}")
 right.set(xscale="log", xlabel="fraction of the training set labeled",
@@ -184,7 +186,8 @@ if long:
     sns.barplot(x=x, y=y, hue=hue, errorbar=None, alpha=0.6, ax=ax)
     sns.stripplot(x=x, y=y, hue=hue, dodge=True, color="k", size=3, legend=False, ax=ax)
     ax.axhline(0, color="k", lw=0.8)
-    ax.set(ylabel="IoU difference (points)", title=f"full − supervised, {model}, {split}")
+    ax.set(ylabel="IoU difference (points)",
+           title=f"full − supervised, {model}, {split}")
     plt.setp(ax.get_xticklabels(), rotation=30)
     fig.tight_layout()
     plt.show()
@@ -215,25 +218,24 @@ def records(run):
 curve_runs = [r for r in runs if r["split"] == 0 and r["ratio"] != "1/1"]
 if curve_runs:
     fig, axes = plt.subplots(1, 4, figsize=(15, 3.4))
+    def curve(recs, key):
+        return [x["iteration"] for x in recs], [x[key] for x in recs]
+
     for r in sorted(curve_runs, key=lambda r: (r["ratio"], r["variant"])):
         rec = records(r)
         steps = [x for x in rec if "loss" in x]
         label = f"{r['ratio']} {r['variant']}"
-        axes[0].plot([x["iteration"] for x in steps], [x["sup"] for x in steps], label=label)
+        axes[0].plot(*curve(steps, "sup"), label=label)
         if r["variant"] == "full":
-            axes[1].plot([x["iteration"] for x in steps], [x["bank_fill"] for x in steps],
-                         label=label)
+            axes[1].plot(*curve(steps, "bank_fill"), label=label)
         semi = [x for x in steps if "pseudo_acc" in x]
         if semi:
-            axes[2].plot([x["iteration"] for x in semi], [x["pseudo_acc"] for x in semi],
-                         label=f"{label}: accuracy")
-            axes[2].plot([x["iteration"] for x in semi], [x["pseudo_beta"] for x in semi],
-                         ":", label=f"{label}: mean β")
+            axes[2].plot(*curve(semi, "pseudo_acc"), label=f"{label}: accuracy")
+            axes[2].plot(*curve(semi, "pseudo_beta"), ":", label=f"{label}: mean β")
         evals = [x for x in rec if "teacher_val_miou" in x]
-        line, = axes[3].plot([x["iteration"] for x in evals], [x["val_miou"] for x in evals],
-                             label=f"{label} student")
-        axes[3].plot([x["iteration"] for x in evals], [x["teacher_val_miou"] for x in evals],
-                     "--", color=line.get_color(), label=f"{label} teacher")
+        line, = axes[3].plot(*curve(evals, "val_miou"), label=f"{label} student")
+        axes[3].plot(*curve(evals, "teacher_val_miou"), "--", color=line.get_color(),
+                     label=f"{label} teacher")
     titles = ("L_sup", "memory bank fill", "pseudo-labels", "val mIoU")
     for ax, title in zip(axes, titles):
         ax.set(title=title, xlabel="iteration")
@@ -253,8 +255,8 @@ for r in curve_runs:
         continue
     last = [x for x in records(r) if "bank_fill_per_class" in x][-1]
     names = list(r["scores"]["student"]["test"]["per_class_iou"])
-    fill_rows.append({"ratio": r["ratio"], **{n: f"{f:.2f}" for n, f in
-                                               zip(names, last["bank_fill_per_class"])}})
+    fills = zip(names, last["bank_fill_per_class"])
+    fill_rows.append({"ratio": r["ratio"], **{n: f"{f:.2f}" for n, f in fills}})
 if fill_rows:
     display(Markdown(markdown_table(fill_rows, list(fill_rows[0]))))
 
@@ -268,15 +270,17 @@ if fill_rows:
 
 # %%
 choice_rows = []
-for path in sorted(Path(results.BOOK / "results" / "choices").glob("*/*/*/split*/*/seed*/summary.json")):
+choices = Path(results.BOOK / "results" / "choices")
+for path in sorted(choices.glob("*/*/*/split*/*/seed*/summary.json")):
     s = json.loads(path.read_text())
     choice_rows.append({"setting": path.parts[-7], "variant": s["variant"],
                         "val": f"{s['val_miou']:.2f}", "test": f"{s['miou']:.2f}",
                         "teacher val": f"{s['teacher_val_miou']:.2f}",
                         "minutes": f"{s['seconds'] / 60:.1f}", "commit": s["commit"]})
-display(Markdown(markdown_table(
-    choice_rows, ["setting", "variant", "val", "test", "teacher val", "minutes", "commit"])
-    if choice_rows else "No choice runs are committed."))
+choice_columns = ["setting", "variant", "val", "test", "teacher val", "minutes",
+                  "commit"]
+display(Markdown(markdown_table(choice_rows, choice_columns)
+                 if choice_rows else "No choice runs are committed."))
 
 # %% [markdown]
 # ## Checks
@@ -284,6 +288,7 @@ display(Markdown(markdown_table(
 # %%
 for r in runs:
     on_disk = json.loads(Path(r["path"]).read_text())
-    assert on_disk["scores"]["student"]["test"]["miou"] == r["miou"] or r["scored_on"] != "test"
+    headline = on_disk["scores"]["student"][r["scored_on"]]["miou"]
+    assert headline == r["miou"]
     assert r["profile"] == "quick" and r["seed"] == r["split"]
 assert all(p["n"] <= 3 for p in pairs)

@@ -356,6 +356,7 @@ def setup(cfg: Config, info=None, run_dir=None, resume=False):
     for split, dataset in eval_sets.items():
         if len(dataset) == 0:
             raise ValueError(f"the {split} split of {cfg.dataset} has no images to score the run on")
+        dataset.check_headers()
     val = eval_sets["val"]
     trainer = Trainer(cfg, labeled.num_classes, len(labeled), device, info)
     trainer.eval_sets = eval_sets

@@ -85,6 +85,14 @@ def test_corrupt_image(camvid_env):
     assert "0001TP_000000.png: cannot read image" in msg
 
 
+def test_corrupt_test_image_is_found_before_training(camvid_env, monkeypatch):
+    (camvid_env / "data" / "camvid" / "test" / "0001TP_000002.png").write_bytes(b"not a png")
+    steps = []
+    monkeypatch.setattr(train.Trainer, "step", lambda *a: steps.append(1))
+    msg = cli_error(train.main, _train_args(camvid_env))
+    assert "test/0001TP_000002.png: cannot read image header" in msg and not steps
+
+
 def test_unknown_key_and_bad_values(tmp_path):
     assert "did you mean 'lambda_contr'" in cli_error(train.main, _train_args(tmp_path, "lambda_cont=1"))
     assert "'lambda_contr' = -1.0: must be >= 0" in cli_error(train.main, _train_args(tmp_path, "lambda_contr=-1"))

@@ -132,6 +132,19 @@ class SegDataset(torch.utils.data.Dataset):
     def load(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         return self.load_name(self.names[i])
 
+    def check_headers(self) -> None:
+        """Open every image and label file's header (no decoding): a missing, truncated-at-the-
+        header or non-image file is a one-line error now, not hours later in an evaluation."""
+        for name in self.names:
+            for path in self.files.get(name, ()):  # generated datasets have no files
+                try:
+                    with Image.open(path) as im:
+                        if im.width <= 0 or im.height <= 0:
+                            raise ValueError("empty image")
+                except (OSError, SyntaxError, ValueError) as e:
+                    raise ValueError(f"{path}: cannot read image header ({type(e).__name__}: {e})"
+                                     .replace("\n", " ")) from None
+
     def load_name(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         img_path, lbl_path = self.files[name]
         image = read_image(img_path)
