@@ -29,7 +29,14 @@ import torch.nn.functional as F
 from IPython.display import Markdown, display
 
 from semiseg.data.tiny import camvid_or_tiny
-from semiseg.data.augment import STRONG, WEAK, AugParams, augment, classmix, classmix_mask
+from semiseg.data.augment import (
+    STRONG,
+    WEAK,
+    AugParams,
+    augment,
+    classmix,
+    classmix_mask,
+)
 from semiseg.data.sampling import load_crop, seeded
 from semiseg.viz import label_image, show_source
 
@@ -65,7 +72,14 @@ for k, i in enumerate(picks):
 for a in axes.ravel():
     a.axis("off")
 handles = [plt.Rectangle((0, 0), 1, 1, color=np.array(p) / 255) for p in palette]
-fig.legend(handles, dataset.class_names, loc="lower center", ncol=min(C, 11), fontsize=8, frameon=False)
+fig.legend(
+    handles,
+    dataset.class_names,
+    loc="lower center",
+    ncol=min(C, 11),
+    fontsize=8,
+    frameon=False,
+)
 plt.tight_layout(rect=(0, 0.06, 1, 1))
 plt.show()
 
@@ -105,9 +119,16 @@ plt.show()
 
 # %%
 TABLE_1 = {  # transcribed from the paper once: (weak, strong)
-    "flip_p": (0.50, 0.50), "resize_p": (0.50, 0.80), "jitter_p": (0.20, 0.80), "brightness": (0.15, 0.30),
-    "contrast": (0.15, 0.30), "saturation": (0.075, 0.15), "hue": (0.05, 0.10), "blur_p": (0.0, 0.20),
-    "classmix_p": (0.20, 0.80), "resize_range": ((0.75, 1.75), (0.75, 1.75)),
+    "flip_p": (0.50, 0.50),
+    "resize_p": (0.50, 0.80),
+    "jitter_p": (0.20, 0.80),
+    "brightness": (0.15, 0.30),
+    "contrast": (0.15, 0.30),
+    "saturation": (0.075, 0.15),
+    "hue": (0.05, 0.10),
+    "blur_p": (0.0, 0.20),
+    "classmix_p": (0.20, 0.80),
+    "resize_range": ((0.75, 1.75), (0.75, 1.75)),
 }
 
 
@@ -115,10 +136,15 @@ def mark(a, b):
     return "" if a == b else " ✗ differs"
 
 
-rows = ["| field | paper weak | `WEAK` | paper strong | `STRONG` |", "|---|---|---|---|---|"]
+rows = [
+    "| field | paper weak | `WEAK` | paper strong | `STRONG` |",
+    "|---|---|---|---|---|",
+]
 for name, (w, s) in TABLE_1.items():
-    rows.append(f"| `{name}` | {w} | {getattr(WEAK, name)}{mark(w, getattr(WEAK, name))} | {s} | "
-                f"{getattr(STRONG, name)}{mark(s, getattr(STRONG, name))} |")
+    rows.append(
+        f"| `{name}` | {w} | {getattr(WEAK, name)}{mark(w, getattr(WEAK, name))} | "
+        f"{s} | {getattr(STRONG, name)}{mark(s, getattr(STRONG, name))} |"
+    )
 display(Markdown("\n".join(rows)))
 
 # %% [markdown]
@@ -162,7 +188,9 @@ fig, axes = plt.subplots(2 * show, cols, figsize=(2.3 * cols, 3.6 * show))
 for r in range(show):
     panels = [("original", images[r], labels[r])]
     panels += [(f"weak #{d + 1}", v[0][r], v[1][r]) for d, v in enumerate(weak_views)]
-    panels += [(f"strong #{d + 1}", v[0][r], v[1][r]) for d, v in enumerate(strong_views)]
+    panels += [
+        (f"strong #{d + 1}", v[0][r], v[1][r]) for d, v in enumerate(strong_views)
+    ]
     for c, (title, im, lb) in enumerate(panels):
         axes[2 * r, c].imshow(im.permute(1, 2, 0).numpy())
         axes[2 * r, c].set_title(title, fontsize=9)
@@ -184,21 +212,28 @@ def boundary_confidence(labels, num_classes, k=9):
     """A stand-in for teacher confidence: the majority-class share in a k x k window."""
     safe = torch.where(labels == 255, torch.full_like(labels, num_classes), labels)
     onehot = F.one_hot(safe, num_classes + 1).permute(0, 3, 1, 2).float()
-    return F.avg_pool2d(onehot, k, stride=1, padding=k // 2, count_include_pad=False).amax(1)  # [B, H, W]
+    pooled = F.avg_pool2d(onehot, k, stride=1, padding=k // 2, count_include_pad=False)
+    return pooled.amax(1)  # [B, H, W]
 
 
 conf = boundary_confidence(labels, C)
 i, j = 0, 1
-mask = classmix_mask(labels[j], seeded(seed, 99))  # the same generator state as the call below
-mixed_image, mixed_label, mixed_conf = classmix(images, labels, conf, i, seeded(seed, 99))
+# the same generator state as the call below
+mask = classmix_mask(labels[j], seeded(seed, 99))
+mixed_image, mixed_label, mixed_conf = classmix(
+    images, labels, conf, i, seeded(seed, 99)
+)
 partner_classes = sorted(set(labels[j].unique().tolist()) - {255})
 chosen = sorted(set(labels[j][mask].unique().tolist()))
 print("classes in the partner:", [dataset.class_names[c] for c in partner_classes])
 print("pasted (half of them): ", [dataset.class_names[c] for c in chosen])
 
 fig, axes = plt.subplots(3, 4, figsize=(13, 7.5))
-rows = [("sample i", images[i], labels[i], conf[i]), ("partner j", images[j], labels[j], conf[j]),
-        ("mixed", mixed_image, mixed_label, mixed_conf)]
+rows = [
+    ("sample i", images[i], labels[i], conf[i]),
+    ("partner j", images[j], labels[j], conf[j]),
+    ("mixed", mixed_image, mixed_label, mixed_conf),
+]
 for r, (name, im, lb, cf) in enumerate(rows):
     axes[r, 0].imshow(im.permute(1, 2, 0).numpy())
     axes[r, 0].set_title(f"{name}: image")
@@ -212,7 +247,13 @@ axes[1, 3].set_title("mask M (chosen classes of j)")
 axes[2, 3].imshow((mixed_image * (0.4 + 0.6 * mask[None])).permute(1, 2, 0).numpy())
 axes[2, 3].set_title("mixed, pasted part bright")
 axes[0, 3].axis("off")
-axes[0, 3].text(0, 0.5, "pasted from j:\n" + "\n".join(dataset.class_names[c] for c in chosen), fontsize=10, va="center")
+axes[0, 3].text(
+    0,
+    0.5,
+    "pasted from j:\n" + "\n".join(dataset.class_names[c] for c in chosen),
+    fontsize=10,
+    va="center",
+)
 for a in axes.ravel():
     a.set_xticks([])
     a.set_yticks([])
@@ -227,48 +268,93 @@ plt.show()
 for name, (w, s) in TABLE_1.items():
     assert getattr(WEAK, name) == w and getattr(STRONG, name) == s, name
 
-# 2. ClassMix: labels, image and confidences are the partner's exactly where the mask is on, the sample's elsewhere
-assert torch.equal(mixed_label[mask], labels[j][mask]) and torch.equal(mixed_label[~mask], labels[i][~mask])
-assert torch.equal(mixed_image[:, mask], images[j][:, mask]) and torch.equal(mixed_image[:, ~mask], images[i][:, ~mask])
-assert torch.equal(mixed_conf[mask], conf[j][mask]) and torch.equal(mixed_conf[~mask], conf[i][~mask])
-# ... the mask is half of the partner's classes (rounded up), whole classes, never ignore pixels
+# 2. ClassMix: labels, image and confidences are the partner's exactly where the mask is
+# on, the sample's elsewhere
+assert (
+    torch.equal(mixed_label[mask], labels[j][mask])
+    and torch.equal(mixed_label[~mask], labels[i][~mask])
+)
+assert (
+    torch.equal(mixed_image[:, mask], images[j][:, mask])
+    and torch.equal(mixed_image[:, ~mask], images[i][:, ~mask])
+)
+assert (
+    torch.equal(mixed_conf[mask], conf[j][mask])
+    and torch.equal(mixed_conf[~mask], conf[i][~mask])
+)
+# ... the mask is half of the partner's classes (rounded up), whole classes, never
+# ignore pixels
 assert len(chosen) == (len(partner_classes) + 1) // 2
 assert torch.equal(mask, torch.isin(labels[j], torch.tensor(chosen)))
 assert not (labels[j][mask] == 255).any()
 
-# 3. geometry follows the image: flip-only parameters flip image, labels and confidences together
-nothing = dict(flip_p=0.0, resize_p=0.0, jitter_p=0.0, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0,
-               blur_p=0.0, classmix_p=0.0)
+# 3. geometry follows the image: flip-only parameters flip image, labels and confidences
+# together
+nothing = dict(
+    flip_p=0.0,
+    resize_p=0.0,
+    jitter_p=0.0,
+    brightness=0.0,
+    contrast=0.0,
+    saturation=0.0,
+    hue=0.0,
+    blur_p=0.0,
+    classmix_p=0.0,
+)
 flip_only = AugParams(**{**nothing, "flip_p": 1.0})
 out_i, out_l, out_c = augment(images, labels, conf, flip_only, seeded(seed, 1))
-assert torch.equal(out_i, images.flip(-1)) and torch.equal(out_l, labels.flip(-1)) and torch.equal(out_c, conf.flip(-1))
-# ... and with random flips, zooms, crops and ClassMix: an image that *is* its colour-coded label map
-# must still show, after augmentation, the colours of the augmented labels (except on blurred edges)
-colour_images = torch.from_numpy(np.stack([label_image(lb.numpy(), palette) for lb in labels])).permute(0, 3, 1, 2).float() / 255
+assert (
+    torch.equal(out_i, images.flip(-1))
+    and torch.equal(out_l, labels.flip(-1))
+    and torch.equal(out_c, conf.flip(-1))
+)
+# ... and with random flips, zooms, crops and ClassMix: an image that *is* its
+# colour-coded label map must still show, after augmentation, the colours of the
+# augmented labels (except on blurred edges)
+colour_images = (
+    torch.from_numpy(np.stack([label_image(lb.numpy(), palette) for lb in labels]))
+    .permute(0, 3, 1, 2)
+    .float()
+    / 255
+)
 geometric = AugParams(**{**nothing, "flip_p": 0.5, "resize_p": 1.0, "classmix_p": 0.8})
-enc = torch.where(labels == 255, 0.0, labels.float() / 1000)  # confidences that encode the label exactly
+# confidences that encode the label exactly
+enc = torch.where(labels == 255, 0.0, labels.float() / 1000)
 out_i, out_l, out_c = augment(colour_images, labels, enc, geometric, seeded(seed, 2))
 valid = out_l != 255
 lut = torch.tensor(palette, dtype=torch.float32) / 255
 expected = lut[out_l.clamp(max=C - 1)].permute(0, 3, 1, 2)
 agree = ((out_i - expected).abs().amax(1) < 2 / 255)[valid].float().mean().item()
-print(f"colour of the augmented image matches its augmented label on {100 * agree:.1f}% of labeled pixels")
-# bilinear zooming blurs colours at class borders, so agreement is not 100 %; a label map that
-# did not follow its image (here: the same labels mirrored) agrees on far fewer pixels
-mirrored = ((out_i - expected.flip(-1)).abs().amax(1) < 2 / 255)[valid].float().mean().item()
+print(
+    f"colour of the augmented image matches its augmented label on {100 * agree:.1f}% "
+    "of labeled pixels"
+)
+# bilinear zooming blurs colours at class borders, so agreement is not 100 %; a label
+# map that did not follow its image (here: the same labels mirrored) agrees on far fewer
+# pixels
+mirrored = (
+    ((out_i - expected.flip(-1)).abs().amax(1) < 2 / 255)[valid].float().mean().item()
+)
 print(f"... and with its label map mirrored on {100 * mirrored:.1f}%")
 assert agree > 0.75 and agree > mirrored + 0.2
-assert torch.equal(out_c[valid], out_l[valid].float() / 1000)  # conf follows labels through zoom / crop / mix
+# conf follows labels through zoom / crop / mix
+assert torch.equal(out_c[valid], out_l[valid].float() / 1000)
 assert (out_c[~valid] == 0).all()  # zoom-out padding: ignore label, zero confidence
 
-# 4. parameters are drawn per sample: copies of one image in a batch get different strong views
+# 4. parameters are drawn per sample: copies of one image in a batch get different
+# strong views
 same = images[:1].expand(8, -1, -1, -1).contiguous()
-views, _, _ = augment(same, labels[:1].expand(8, -1, -1).contiguous(), None, STRONG, seeded(seed, 3))
+views, _, _ = augment(
+    same, labels[:1].expand(8, -1, -1).contiguous(), None, STRONG, seeded(seed, 3)
+)
 distinct = len({tuple(v.flatten()[::97].tolist()) for v in views})
 print(f"8 copies of one image -> {distinct} distinct strong views")
 assert distinct > 1
-# 5. the views depend only on the generator: same seed, same views (what makes an exact resume possible)
-again = augment(same, labels[:1].expand(8, -1, -1).contiguous(), None, STRONG, seeded(seed, 3))[0]
+# 5. the views depend only on the generator: same seed, same views (what makes an exact
+# resume possible)
+again = augment(
+    same, labels[:1].expand(8, -1, -1).contiguous(), None, STRONG, seeded(seed, 3)
+)[0]
 assert torch.equal(views, again)
 print(f"all checks passed ({time.time() - t_start:.1f} s)")
 

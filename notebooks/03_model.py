@@ -18,7 +18,8 @@ smoke = False
 seed = 0
 image_size = [240, 180]   # [W, H] network input (the CPU profile's image size)
 image_index = 0           # which CamVid training image to show
-build_deeplabv2 = True    # build DeepLabv2-ResNet101 with random weights (big); skipped in smoke mode
+# build DeepLabv2-ResNet101 with random weights (big); skipped in smoke mode
+build_deeplabv2 = True
 
 # %%
 import copy
@@ -31,7 +32,14 @@ import torch.nn.functional as F
 
 from semiseg.data.tiny import camvid_or_tiny
 from semiseg.data.sampling import load_crop, seeded
-from semiseg.models import ASPPv2, ClassAttention, EffNetLite0DeepLabV3Plus, MLPHead, SegModel, build_model
+from semiseg.models import (
+    ASPPv2,
+    ClassAttention,
+    EffNetLite0DeepLabV3Plus,
+    MLPHead,
+    SegModel,
+    build_model,
+)
 from semiseg.models.efficientnet_lite import efficientnet_lite0_weights_path
 from semiseg.viz import label_image, show_source
 
@@ -111,17 +119,22 @@ show_source(ASPPv2)
 # ## Run: the CPU network on a CamVid image
 
 # %%
-model = build_model("effnet_lite0_dlv3p", C)  # pretrained=True: offline ImageNet weights for the encoder
+# pretrained=True: offline ImageNet weights for the encoder
+model = build_model("effnet_lite0_dlv3p", C)
 model.eval()
 with torch.no_grad():
     logits, feats = model(x)
-    proj = model.projection(feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1]))  # Z = g(V), [h*w, 256]
+    # Z = g(V), [h*w, 256]
+    proj = model.projection(feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1]))
     pred = model.prediction(proj)  # P = q(Z), [h*w, 256]
     enc = model.backbone.forward_features(model.normalize(x))
 H, W = x.shape[-2:]
 print(f"input        {tuple(x.shape)}")
 print(f"encoder s8   {tuple(enc['s8'].shape)}   (low-level features, stride 8)")
-print(f"encoder out  {tuple(enc['out'].shape)}   (stride {model.backbone.output_stride}, dilated last stages)")
+print(
+    f"encoder out  {tuple(enc['out'].shape)}   "
+    f"(stride {model.backbone.output_stride}, dilated last stages)"
+)
 print(f"feats V      {tuple(feats.shape)}   (decoder output, stride 8)")
 print(f"logits       {tuple(logits.shape)}")
 print(f"Z = g(V)     {tuple(proj.shape)},  P = q(Z) {tuple(pred.shape)}")
@@ -142,23 +155,37 @@ def parameter_table(model, parts):
     return rows, total
 
 
-parts = [("backbone (EfficientNet-Lite0, ImageNet)", "backbone"), ("decoder (ASPP + low-level fusion)", "decoder"),
-         ("classifier (1x1 conv)", "classifier"), ("projection head g", "projection"), ("prediction head q", "prediction"),
-         (f"attention S_c for p ({C} modules)", "attention_pred"), (f"attention S_c for z' ({C} modules)", "attention_proj")]
+parts = [
+    ("backbone (EfficientNet-Lite0, ImageNet)", "backbone"),
+    ("decoder (ASPP + low-level fusion)", "decoder"),
+    ("classifier (1x1 conv)", "classifier"),
+    ("projection head g", "projection"),
+    ("prediction head q", "prediction"),
+    (f"attention S_c for p ({C} modules)", "attention_pred"),
+    (f"attention S_c for z' ({C} modules)", "attention_proj"),
+]
 rows, total = parameter_table(model, parts)
 
 # %%
-# A figure: the image, its labels, the feature norm |V| per stride-8 cell, the first three principal
-# components of V as colours, and the argmax of the (untrained) classifier.
+# A figure: the image, its labels, the feature norm |V| per stride-8 cell, the first
+# three principal components of V as colours, and the argmax of the (untrained)
+# classifier.
 v = feats[0].permute(1, 2, 0).reshape(-1, feats.shape[1])  # [h*w, 256]
 v_centered = v - v.mean(0)
 _, _, basis = torch.pca_lowrank(v_centered, q=3, center=False)
 pcs = (v_centered @ basis).reshape(feats.shape[2], feats.shape[3], 3)
 pcs = (pcs - pcs.amin((0, 1))) / (pcs.amax((0, 1)) - pcs.amin((0, 1)) + 1e-8)
-panels = [("image", image.permute(1, 2, 0).numpy(), None), ("labels", label_image(label.numpy(), dataset.palette), None),
-          ("$\\|V\\|$ per stride-8 cell", feats[0].norm(dim=0).numpy(), "magma"),
-          ("3 principal components of V", pcs.numpy(), None),
-          ("argmax of untrained classifier", label_image(logits[0].argmax(0).numpy(), dataset.palette), None)]
+panels = [
+    ("image", image.permute(1, 2, 0).numpy(), None),
+    ("labels", label_image(label.numpy(), dataset.palette), None),
+    ("$\\|V\\|$ per stride-8 cell", feats[0].norm(dim=0).numpy(), "magma"),
+    ("3 principal components of V", pcs.numpy(), None),
+    (
+        "argmax of untrained classifier",
+        label_image(logits[0].argmax(0).numpy(), dataset.palette),
+        None,
+    ),
+]
 fig, axes = plt.subplots(1, 5, figsize=(19, 3.4))
 for a, (title, arr, cmap) in zip(axes, panels):
     h = a.imshow(arr, cmap=cmap, interpolation="nearest")
@@ -168,8 +195,12 @@ for a, (title, arr, cmap) in zip(axes, panels):
         plt.colorbar(h, ax=a, fraction=0.035)
 plt.tight_layout()
 plt.show()
-print("The pretrained encoder already separates sky, road, buildings and cars in V (the PCA panel).\n"
-      "The classifier is new (N(0, 0.01) weights), so its argmax means nothing until training.")
+print(
+    "The pretrained encoder already separates sky, road, buildings and cars in V "
+    "(the PCA panel).\n"
+    "The classifier is new (N(0, 0.01) weights), "
+    "so its argmax means nothing until training."
+)
 
 # %% [markdown]
 # ## Run: class-wise attention
@@ -178,7 +209,9 @@ print("The pretrained encoder already separates sky, road, buildings and cars in
 # class's module $S_c$, and only that one.
 
 # %%
-labels_small = F.interpolate(label[None, None].float(), size=feats.shape[-2:], mode="nearest")[0, 0].long().reshape(-1)
+labels_small = F.interpolate(
+    label[None, None].float(), size=feats.shape[-2:], mode="nearest"
+)[0, 0].long().reshape(-1)
 keep = labels_small != 255
 z, z_labels = proj[keep], labels_small[keep]
 with torch.no_grad():
@@ -186,7 +219,12 @@ with torch.no_grad():
 present = z_labels.unique().tolist()
 print(f"{keep.sum().item()} labeled vectors of {len(present)} classes -> scores in "
       f"[{scores.min():.3f}, {scores.max():.3f}]; mean per class:")
-print({dataset.class_names[c]: round(scores[z_labels == c].mean().item(), 3) for c in present})
+print(
+    {
+        dataset.class_names[c]: round(scores[z_labels == c].mean().item(), 3)
+        for c in present
+    }
+)
 
 # %% [markdown]
 # ### What the attention sees: `p` or `p.detach()`
@@ -207,16 +245,24 @@ from semiseg.train import Trainer
 
 def contrastive_grads(detach):
     torch.manual_seed(0)
-    trainer = Trainer(load_config("smoke", {"attention_detach": detach, "psi": 8}), 4, 12, "cpu")
+    trainer = Trainer(
+        load_config("smoke", {"attention_detach": detach, "psi": 8}), 4, 12, "cpu"
+    )
     g = torch.Generator().manual_seed(1)
     for c in range(4):  # a filled bank
         trainer.bank.push(torch.randn(8, 256, generator=g), torch.full((8,), c),
                           torch.rand(8, generator=g), torch.arange(8), 8)
-    feats_c = torch.randn(2, trainer.student.feat_dim, 8, 8, generator=g, requires_grad=True)
+    feats_c = torch.randn(
+        2, trainer.student.feat_dim, 8, 8, generator=g, requires_grad=True
+    )
     labels_c = torch.randint(0, 4, (2, 64, 64), generator=g)
-    loss = trainer.contrastive(feats_c, labels_c, trainer.host_counts(feats_c, labels_c, 2))
+    loss = trainer.contrastive(
+        feats_c, labels_c, trainer.host_counts(feats_c, labels_c, 2)
+    )
     loss.backward()
-    attention = torch.cat([p.grad.flatten() for p in trainer.student.attention_pred.parameters()])
+    attention = torch.cat(
+        [p.grad.flatten() for p in trainer.student.attention_pred.parameters()]
+    )
     return float(loss), feats_c.grad.flatten(), attention
 
 
@@ -242,16 +288,31 @@ assert not torch.allclose(grad_d, grad_n)
 if build_deeplabv2:
     dlv2 = build_model("deeplabv2_r101", C, pretrained=False).eval()
     with torch.no_grad():
-        x_small = F.interpolate(x, scale_factor=0.5, mode="bilinear", align_corners=False)
+        x_small = F.interpolate(
+            x, scale_factor=0.5, mode="bilinear", align_corners=False
+        )
         logits2, feats2 = dlv2(x_small)
-    print(f"input {tuple(x_small.shape)} -> feats {tuple(feats2.shape)}, logits {tuple(logits2.shape)}")
-    parameter_table(dlv2, [("backbone (ResNet-101, dilated layer3/4)", "backbone"), ("ASPP classifier (4 branches)", "classifier"),
-                           ("projection head g (2048 -> 256)", "projection"), ("prediction head q", "prediction"),
-                           (f"attention S_c for p ({C} modules)", "attention_pred"),
-                           (f"attention S_c for z' ({C} modules)", "attention_proj")])
+    print(
+        f"input {tuple(x_small.shape)} -> feats {tuple(feats2.shape)}, "
+        f"logits {tuple(logits2.shape)}"
+    )
+    parameter_table(
+        dlv2,
+        [
+            ("backbone (ResNet-101, dilated layer3/4)", "backbone"),
+            ("ASPP classifier (4 branches)", "classifier"),
+            ("projection head g (2048 -> 256)", "projection"),
+            ("prediction head q", "prediction"),
+            (f"attention S_c for p ({C} modules)", "attention_pred"),
+            (f"attention S_c for z' ({C} modules)", "attention_proj"),
+        ],
+    )
     aspp, aspp_in = dlv2.classifier, feats2
 else:
-    print("smoke mode: DeepLabv2-ResNet101 not built; the ASPP check uses a standalone ASPPv2(64 -> C)")
+    print(
+        "smoke mode: DeepLabv2-ResNet101 not built; "
+        "the ASPP check uses a standalone ASPPv2(64 -> C)"
+    )
     aspp, aspp_in = ASPPv2(64, C).eval(), torch.randn(1, 64, 12, 16)
 with torch.no_grad():
     branches = [conv(aspp_in) for conv in aspp.convs]
@@ -262,13 +323,18 @@ print("branch dilations:", [conv.dilation[0] for conv in aspp.convs])
 # ## Checks
 
 # %%
-# 1. output stride 8: feats and logits have ceil(H/8) x ceil(W/8) cells, also for sizes not divisible by 8
+# 1. output stride 8: feats and logits have ceil(H/8) x ceil(W/8) cells, also for sizes
+# not divisible by 8
 h8, w8 = math.ceil(H / 8), math.ceil(W / 8)
 assert feats.shape == (1, model.feat_dim, h8, w8) and logits.shape == (1, C, h8, w8)
 assert enc["s8"].shape[-2:] == (h8, w8)
 with torch.no_grad():
     odd_logits, odd_feats = model(torch.rand(1, 3, 61, 90))
-assert odd_logits.shape[-2:] == (math.ceil(61 / 8), math.ceil(90 / 8)) == odd_feats.shape[-2:]
+assert (
+    odd_logits.shape[-2:]
+    == (math.ceil(61 / 8), math.ceil(90 / 8))
+    == odd_feats.shape[-2:]
+)
 # 2. logits are the classification layer applied to feats (what the FQF relies on)
 with torch.no_grad():
     assert torch.allclose(model.classify(feats), logits, atol=1e-5)
@@ -276,7 +342,8 @@ with torch.no_grad():
 assert proj.shape == (h8 * w8, 256) and pred.shape == (h8 * w8, 256)
 assert model.projection.net[0].in_features == model.feat_dim
 assert len(model.attention_pred) == len(model.attention_proj) == C
-# 4. each vector goes only through its own class's module: in eval mode a score equals S_c applied alone ...
+# 4. each vector goes only through its own class's module: in eval mode a score equals
+# S_c applied alone ...
 with torch.no_grad():
     for c in present:
         alone = model.attention_proj[c](z[z_labels == c])
@@ -295,25 +362,34 @@ with torch.no_grad():
     train_scores = att(z, z_labels)
     for c in present:
         if (z_labels == c).sum() > 1:
-            assert torch.allclose(train_scores[z_labels == c], copy.deepcopy(model.attention_proj[c]).train()(z[z_labels == c]), atol=1e-5)
+            assert torch.allclose(
+                train_scores[z_labels == c],
+                copy.deepcopy(model.attention_proj[c]).train()(z[z_labels == c]),
+                atol=1e-5,
+            )
 assert ((scores >= 0) & (scores <= 1)).all()
 # 5. the encoder holds the offline ImageNet weights
 shipped = torch.load(efficientnet_lite0_weights_path(), map_location="cpu")
 assert torch.equal(model.backbone._conv_stem.weight, shipped["_conv_stem.weight"])
-# 6. parameter counts add up, and the optimiser groups split backbone (lr) from new layers
-# (head_lr_mult x lr; the paper and the official optimizer use one rate, head_lr_mult = 1)
+# 6. parameter counts add up, and the optimiser groups split backbone (lr) from new
+# layers (head_lr_mult x lr; the paper and the official optimizer use one rate,
+# head_lr_mult = 1)
 assert sum(n for _, n in rows) == total
 groups = model.param_groups(0.01, head_lr_mult=10)
 assert [g["lr"] for g in groups] == [0.01, 0.1]
 assert sum(p.numel() for g in groups for p in g["params"]) == total
 assert sum(p.numel() for p in groups[0]["params"]) == count(model.backbone)
-# 7. DeepLabv2's ASPP sums all four branches (the official code's early return sums the first two)
+# 7. DeepLabv2's ASPP sums all four branches (the official code's early return sums the
+# first two)
 assert len(branches) == 4
 assert torch.allclose(aspp_out, sum(branches), atol=1e-4)
 assert not torch.allclose(aspp_out, branches[0] + branches[1], atol=1e-4)
 if build_deeplabv2:
     assert feats2.shape[1] == 2048 and dlv2.projection.net[0].in_features == 2048
-    assert feats2.shape[-2:] == (math.ceil(x_small.shape[2] / 8), math.ceil(x_small.shape[3] / 8))
+    assert feats2.shape[-2:] == (
+        math.ceil(x_small.shape[2] / 8),
+        math.ceil(x_small.shape[3] / 8),
+    )
     assert torch.allclose(dlv2.classify(feats2), logits2, atol=1e-4)
 print(f"all checks passed ({time.time() - t_start:.1f} s)")
 

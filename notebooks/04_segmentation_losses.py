@@ -15,7 +15,8 @@
 # %% tags=["parameters"]
 smoke = False
 seed = 0
-finetune_steps = 30       # supervised steps before we look at confidences (0: untrained head)
+# supervised steps before we look at confidences (0: untrained head)
+finetune_steps = 30
 crop = 128                # training crop side for those steps
 image_size = [240, 180]   # [W, H] of the unlabeled image we look at
 image_index = 0           # which unlabeled training image
@@ -48,13 +49,26 @@ if data_overrides:
     crop = 64
 
 # The CPU profile, supervised-only, for a short fine-tune of the new head.
-cfg = load_config("camvid_quick", {**data_overrides, "seed": seed, "iterations": max(1, finetune_steps),
-                                   "crop_size": [crop, crop], "lambda_pseudo": 0.0, "lambda_ent": 0.0,
-                                   "lambda_contr": 0.0, "variant": "supervised"})
+cfg = load_config(
+    "camvid_quick",
+    {
+        **data_overrides,
+        "seed": seed,
+        "iterations": max(1, finetune_steps),
+        "crop_size": [crop, crop],
+        "lambda_pseudo": 0.0,
+        "lambda_ent": 0.0,
+        "lambda_contr": 0.0,
+        "variant": "supervised",
+    },
+)
 labeled, unlabeled, _ = build_train_data(cfg)
 full = build_dataset(cfg.dataset, "train", cfg.data_root)
 C, names = labeled.num_classes, labeled.class_names
-print(f"{cfg.dataset} {cfg.ratio} split{cfg.split}: {len(labeled)} labeled, {len(unlabeled)} unlabeled images")
+print(
+    f"{cfg.dataset} {cfg.ratio} split{cfg.split}: {len(labeled)} labeled, "
+    f"{len(unlabeled)} unlabeled images"
+)
 
 # %% [markdown]
 # ## Idea
@@ -142,21 +156,36 @@ def class_counts(dataset):
 
 few = 4
 lab_set = labeled.subset(labeled.names[:few]) if smoke else labeled
-all_set = full.subset(labeled.names[:few] + unlabeled.names[:few]) if smoke else full.subset(labeled.names + unlabeled.names)
+all_set = (
+    full.subset(labeled.names[:few] + unlabeled.names[:few])
+    if smoke
+    else full.subset(labeled.names + unlabeled.names)
+)
 t0 = time.time()
 counts_l, counts_all = class_counts(lab_set), class_counts(all_set)
-alpha_l, alpha_all = losses.class_balance_weights(counts_l), losses.class_balance_weights(counts_all)
+alpha_l, alpha_all = (
+    losses.class_balance_weights(counts_l),
+    losses.class_balance_weights(counts_all),
+)
 print(f"counted {len(lab_set)} + {len(all_set)} label maps in {time.time() - t0:.1f} s")
-print(f"{'class':<12}{'f_c (Y_l)':>10}{'f_c (all)':>10}{'alpha (Y_l)':>12}{'alpha (all)':>12}")
+print(
+    f"{'class':<12}{'f_c (Y_l)':>10}{'f_c (all)':>10}"
+    f"{'alpha (Y_l)':>12}{'alpha (all)':>12}"
+)
 freq_l, freq_all = counts_l / counts_l.sum(), counts_all / counts_all.sum()
 for c in range(C):
-    print(f"{names[c]:<12}{freq_l[c]:>10.4f}{freq_all[c]:>10.4f}{alpha_l[c]:>12.3f}{alpha_all[c]:>12.3f}")
+    print(
+        f"{names[c]:<12}{freq_l[c]:>10.4f}{freq_all[c]:>10.4f}"
+        f"{alpha_l[c]:>12.3f}{alpha_all[c]:>12.3f}"
+    )
 
 # %%
 x_pos = np.arange(C)
 fig, axes = plt.subplots(1, 2, figsize=(15, 3.8))
 axes[0].bar(x_pos - 0.2, freq_l.numpy(), 0.4, label=f"$Y_l$ ({len(lab_set)} images)")
-axes[0].bar(x_pos + 0.2, freq_all.numpy(), 0.4, label=f"$Y_l \\cup Y_u$ ({len(all_set)} images)")
+axes[0].bar(
+    x_pos + 0.2, freq_all.numpy(), 0.4, label=f"$Y_l \\cup Y_u$ ({len(all_set)} images)"
+)
 axes[0].set_yscale("log")
 axes[0].set_title("class frequency $f_c$ (pixels)")
 axes[1].bar(x_pos - 0.2, alpha_l.numpy(), 0.4, label="from $Y_l$")
@@ -184,18 +213,26 @@ batches = Batches(labeled, cfg.batch_labeled, cfg.base_size, cfg.crop_size, seed
 t0 = time.time()
 sup_curve = [trainer.step(batches(it))["sup"] for it in range(finetune_steps)]
 if finetune_steps:
-    print(f"{finetune_steps} steps in {time.time() - t0:.1f} s; L_sup {sup_curve[0]:.3f} -> {sup_curve[-1]:.3f}")
+    print(
+        f"{finetune_steps} steps in {time.time() - t0:.1f} s; "
+        f"L_sup {sup_curve[0]:.3f} -> {sup_curve[-1]:.3f}"
+    )
 teacher = make_teacher(trainer.student)  # frozen, eval mode
 
-image, true_label = load_crop(unlabeled, image_index, image_size, image_size, seeded(seed))
+image, true_label = load_crop(
+    unlabeled, image_index, image_size, image_size, seeded(seed)
+)
 x_u = image[None]
 with torch.no_grad():
     logits, _ = teacher(x_u)
-    logits_up = F.interpolate(logits, size=x_u.shape[-2:], mode="bilinear", align_corners=False)
+    logits_up = F.interpolate(
+        logits, size=x_u.shape[-2:], mode="bilinear", align_corners=False
+    )
     probs = F.softmax(logits_up, dim=1)  # [1, C, H, W]
 conf, pseudo = probs.max(1)  # eq. (5): confidence and pseudo-label per pixel
 beta = conf ** cfg.sharpen  # §4.2: beta = confidence ** 6
-entropy_map = -torch.special.xlogy(probs, probs).sum(1)  # the summand of eq. (7), per pixel
+# the summand of eq. (7), per pixel
+entropy_map = -torch.special.xlogy(probs, probs).sum(1)
 trainer.teacher = teacher
 pseudo_pkg, conf_pkg = trainer.pseudo_labels(x_u)  # the package's eq. (5), for check 5
 print(f"confidence: mean {conf.mean():.3f}, beta: mean {beta.mean():.3f}, "
@@ -223,28 +260,45 @@ for a in axes[:, :3].ravel():
     a.axis("off")
 grid = torch.linspace(1 / C, 1, 100)
 for s in (1, 2, 6):
-    axes[0, 3].plot(grid, grid ** s, label=f"$s = {s}$", lw=2.5 if s == cfg.sharpen else 1)
+    axes[0, 3].plot(
+        grid, grid ** s, label=f"$s = {s}$", lw=2.5 if s == cfg.sharpen else 1
+    )
 axes[0, 3].set_xlabel("confidence")
 axes[0, 3].set_ylabel("$\\beta$")
 axes[0, 3].set_title("sharpening $\\beta = \\mathrm{conf}^s$")
 axes[0, 3].legend()
-axes[1, 3].hist(conf[0].flatten().numpy(), bins=40, range=(0, 1), alpha=0.6, label="confidence")
-axes[1, 3].hist(beta[0].flatten().numpy(), bins=40, range=(0, 1), alpha=0.6, label="$\\beta$")
+axes[1, 3].hist(
+    conf[0].flatten().numpy(), bins=40, range=(0, 1), alpha=0.6, label="confidence"
+)
+axes[1, 3].hist(
+    beta[0].flatten().numpy(), bins=40, range=(0, 1), alpha=0.6, label="$\\beta$"
+)
 axes[1, 3].set_title("per-pixel weights")
 axes[1, 3].legend()
 plt.tight_layout()
 plt.show()
 
 # %%
-# eq. (3) on this image: the student (= teacher here) on its own pseudo-labels, with and without beta
+# eq. (3) on this image: the student (= teacher here) on its own pseudo-labels, with and
+# without beta
 with torch.no_grad():
-    student_logits = F.interpolate(trainer.student.eval()(x_u)[0], size=x_u.shape[-2:], mode="bilinear", align_corners=False)
+    student_logits = F.interpolate(
+        trainer.student.eval()(x_u)[0],
+        size=x_u.shape[-2:],
+        mode="bilinear",
+        align_corners=False,
+    )
 trainer.student.train()
 alpha = trainer.alpha()
 h_plain = losses.weighted_cross_entropy(student_logits, pseudo, class_weights=alpha)
-h_beta = losses.weighted_cross_entropy(student_logits, pseudo, class_weights=alpha, pixel_weights=beta)
+h_beta = losses.weighted_cross_entropy(
+    student_logits, pseudo, class_weights=alpha, pixel_weights=beta
+)
 ent = losses.entropy_loss(student_logits)
-print(f"H without beta {h_plain:.4f}   H with beta = conf^6 {h_beta:.4f}   L_ent {ent:.4f}")
+print(
+    f"H without beta {h_plain:.4f}   H with beta = conf^6 {h_beta:.4f}   "
+    f"L_ent {ent:.4f}"
+)
 
 # %% [markdown]
 # ## Checks
@@ -260,7 +314,8 @@ toy_beta = torch.rand(2, 4, 5, generator=g)
 
 
 def eq3_loop(logits, target, alpha, beta):
-    """Eq. (3) as written: -1/N sum_n sum_c y2[n,c] log y1[n,c] alpha[c] beta[n], N = non-ignored pixels."""
+    """Eq. (3) as written: -1/N sum_n sum_c y2[n,c] log y1[n,c] alpha[c] beta[n],
+    N = non-ignored pixels."""
     y1 = F.softmax(logits, dim=1)
     total, N = 0.0, 0
     B, num_c, Hh, Ww = logits.shape
@@ -277,42 +332,82 @@ def eq3_loop(logits, target, alpha, beta):
 
 
 # 1. eq. (3) matches its loop transcription, with alpha and beta
-ours = losses.weighted_cross_entropy(toy_logits, toy_target, class_weights=toy_alpha, pixel_weights=toy_beta)
-assert math.isclose(ours.item(), float(eq3_loop(toy_logits, toy_target, toy_alpha, toy_beta)), rel_tol=1e-5)
+ours = losses.weighted_cross_entropy(
+    toy_logits, toy_target, class_weights=toy_alpha, pixel_weights=toy_beta
+)
+assert math.isclose(
+    ours.item(),
+    float(eq3_loop(toy_logits, toy_target, toy_alpha, toy_beta)),
+    rel_tol=1e-5,
+)
 
-# 2. eq. (3) divides by the number of non-ignored pixels N, not by sum of alpha as F.cross_entropy(weight=...) does
+# 2. eq. (3) divides by the number of non-ignored pixels N, not by sum of alpha as
+# F.cross_entropy(weight=...) does
 n_valid = (toy_target != 255).sum()
-ours_alpha = losses.weighted_cross_entropy(toy_logits, toy_target, class_weights=toy_alpha)
+ours_alpha = losses.weighted_cross_entropy(
+    toy_logits, toy_target, class_weights=toy_alpha
+)
 torch_mean = F.cross_entropy(toy_logits, toy_target, weight=toy_alpha, ignore_index=255)
-torch_sum = F.cross_entropy(toy_logits, toy_target, weight=toy_alpha, ignore_index=255, reduction="sum")
-print(f"eq. (3): {ours_alpha:.4f}   F.cross_entropy(weight=alpha): {torch_mean:.4f}   "
-      f"(sum {torch_sum:.2f} / N = {n_valid.item()} vs / sum of alpha[y_n] = {toy_alpha[toy_target[toy_target != 255]].sum():.2f})")
+torch_sum = F.cross_entropy(
+    toy_logits, toy_target, weight=toy_alpha, ignore_index=255, reduction="sum"
+)
+print(
+    f"eq. (3): {ours_alpha:.4f}   F.cross_entropy(weight=alpha): {torch_mean:.4f}   "
+    f"(sum {torch_sum:.2f} / N = {n_valid.item()} vs / sum of alpha[y_n] = "
+    f"{toy_alpha[toy_target[toy_target != 255]].sum():.2f})"
+)
 assert torch.allclose(ours_alpha, torch_sum / n_valid, atol=1e-6)
 assert not torch.allclose(ours_alpha, torch_mean, atol=1e-3)
 # ... without weights both are the plain mean over non-ignored pixels
-assert torch.allclose(losses.weighted_cross_entropy(toy_logits, toy_target), F.cross_entropy(toy_logits, toy_target, ignore_index=255), atol=1e-6)
+assert torch.allclose(
+    losses.weighted_cross_entropy(toy_logits, toy_target),
+    F.cross_entropy(toy_logits, toy_target, ignore_index=255),
+    atol=1e-6,
+)
 
-# 3. eq. (7): uniform predictions have entropy log C, one-hot predictions 0; the loss is the mean of the map above
-assert math.isclose(losses.entropy_loss(torch.zeros(2, C, 3, 3)).item(), math.log(C), rel_tol=1e-5)
-assert losses.entropy_loss(200.0 * F.one_hot(toy_target.clamp(max=C - 1), C).permute(0, 3, 1, 2).float()).item() < 1e-30
-assert math.isclose(losses.entropy_loss(logits_up).item(), entropy_map.mean().item(), rel_tol=1e-5)
+# 3. eq. (7): uniform predictions have entropy log C, one-hot predictions 0; the loss is
+# the mean of the map above
+assert math.isclose(
+    losses.entropy_loss(torch.zeros(2, C, 3, 3)).item(), math.log(C), rel_tol=1e-5
+)
+assert (
+    losses.entropy_loss(
+        200.0 * F.one_hot(toy_target.clamp(max=C - 1), C).permute(0, 3, 1, 2).float()
+    ).item()
+    < 1e-30
+)
+assert math.isclose(
+    losses.entropy_loss(logits_up).item(), entropy_map.mean().item(), rel_tol=1e-5
+)
 assert 0 <= entropy_map.min() and entropy_map.max() <= math.log(C) + 1e-4
 
-# 4. alpha: the median-frequency class gets exactly 1, rarer classes more, commoner classes less; unseen classes 1
+# 4. alpha: the median-frequency class gets exactly 1, rarer classes more, commoner
+# classes less; unseen classes 1
 for counts, alpha_c in ((counts_l, alpha_l), (counts_all, alpha_all)):
     seen = counts > 0
     freqs = counts.float() / counts.float().sum()
     f_m = freqs[seen].median()
     median_class = int(torch.nonzero(seen & (freqs == f_m))[0])
-    print(f"median-frequency class: {names[median_class]}, alpha = {alpha_c[median_class].item():.6f}")
+    print(
+        f"median-frequency class: {names[median_class]}, "
+        f"alpha = {alpha_c[median_class].item():.6f}"
+    )
     assert math.isclose(alpha_c[median_class].item(), 1.0, rel_tol=1e-6)
-    assert torch.equal(alpha_c[seen] > 1, freqs[seen] < f_m) and torch.equal(alpha_c[seen] < 1, freqs[seen] > f_m)
+    assert (
+        torch.equal(alpha_c[seen] > 1, freqs[seen] < f_m)
+        and torch.equal(alpha_c[seen] < 1, freqs[seen] > f_m)
+    )
     order = torch.argsort(freqs[seen])
-    assert torch.all(alpha_c[seen][order][:-1] >= alpha_c[seen][order][1:])  # alpha decreases with frequency
+    # alpha decreases with frequency
+    assert torch.all(alpha_c[seen][order][:-1] >= alpha_c[seen][order][1:])
     assert torch.all(alpha_c[~seen] == 1)
-assert torch.allclose(losses.class_balance_weights(torch.tensor([10.0, 0.0, 40.0, 90.0])), torch.tensor([2.0, 1.0, 1.0, 2.0 / 3]))
+assert torch.allclose(
+    losses.class_balance_weights(torch.tensor([10.0, 0.0, 40.0, 90.0])),
+    torch.tensor([2.0, 1.0, 1.0, 2.0 / 3]),
+)
 
-# 5. eq. (5) as computed above is the package's Trainer.pseudo_labels; beta = conf^6 lies in [C^-6, 1] and never exceeds the confidence; it can only lower the loss
+# 5. eq. (5) as computed above is the package's Trainer.pseudo_labels; beta = conf^6
+# lies in [C^-6, 1] and never exceeds the confidence; it can only lower the loss
 assert (beta >= (1 / C) ** 6 - 1e-7).all() and (beta <= conf + 1e-7).all()
 assert torch.equal(pseudo_pkg, pseudo) and torch.allclose(conf_pkg, conf)
 assert h_beta <= h_plain

@@ -40,21 +40,40 @@ from semiseg.viz import label_image, show_source
 torch.manual_seed(seed)
 t_start = time.time()
 
-steps = 3 if smoke else 20          # training iterations for the "bank filling" run
-crop = 64 if smoke else 96          # square crops, pixels
-psi = 16                            # bank size per class for the run (the paper uses 256)
+steps = 3 if smoke else 20  # training iterations for the "bank filling" run
+crop = 64 if smoke else 96  # square crops, pixels
+psi = 16                    # bank size per class for the run (the paper uses 256)
 
 _, data_overrides = camvid_or_tiny("train")
 
-# The CPU profile, made small. FQF is switched off for the run because a freshly initialised
-# teacher is never 95 % (or even 50 %) confident: with the filter on, the bank would stay empty
-# for the first few hundred iterations (we look at the filter separately below).
-cfg = load_config("camvid_quick", {"crop_size": [crop, crop], "batch_labeled": 2, "batch_unlabeled": 2,
-                                   "psi": psi, "fqf": False, "warmup_frac": 0.0,
-                                   "iterations": steps, "seed": seed, **data_overrides})
+# The CPU profile, made small. FQF is switched off for the run because a freshly
+# initialised teacher is never 95 % (or even 50 %) confident: with the filter on, the
+# bank would stay empty for the first few hundred iterations (we look at the filter
+# separately below).
+cfg = load_config(
+    "camvid_quick",
+    {
+        "crop_size": [crop, crop],
+        "batch_labeled": 2,
+        "batch_unlabeled": 2,
+        "psi": psi,
+        "fqf": False,
+        "warmup_frac": 0.0,
+        "iterations": steps,
+        "seed": seed,
+        **data_overrides,
+    },
+)
 labeled, unlabeled, _ = build_train_data(cfg)
-C, class_names, palette = labeled.num_classes, list(labeled.class_names), labeled.palette
-print(f"{cfg.dataset}: {len(labeled)} labeled, {len(unlabeled)} unlabeled training images, {C} classes")
+C, class_names, palette = (
+    labeled.num_classes,
+    list(labeled.class_names),
+    labeled.palette,
+)
+print(
+    f"{cfg.dataset}: {len(labeled)} labeled, {len(unlabeled)} unlabeled "
+    f"training images, {C} classes"
+)
 
 # %% [markdown]
 # ## Idea
@@ -106,7 +125,16 @@ show_source(Trainer.update_bank)
 # %%
 settings = {"CamVid 1/8 (this repo)": 46, "Cityscapes 1/30": 100, "Cityscapes 1/8": 372,
             "VOC 1/50": 212, "VOC 1/8": 1323}
-print(pd.DataFrame({"|X_l|": settings, "K = max(1, 256 / |X_l|)": {k: bank_quota(256, n) for k, n in settings.items()}}))
+print(
+    pd.DataFrame(
+        {
+            "|X_l|": settings,
+            "K = max(1, 256 / |X_l|)": {
+                k: bank_quota(256, n) for k, n in settings.items()
+            },
+        }
+    )
+)
 
 # %% [markdown]
 # ## Run: a toy bank with hand-made scores
@@ -132,13 +160,16 @@ origin = {}          # id -> (update, image, score)
 snapshots = []       # bank contents (ids) after every update
 for u, upd in enumerate(toy_updates):
     n = len(upd["labels"])
-    ids = torch.arange(n, dtype=torch.float32)[:, None] + 100 * u  # the "feature": a unique id
+    # the "feature": a unique id
+    ids = torch.arange(n, dtype=torch.float32)[:, None] + 100 * u
     for i in range(n):
         origin[int(ids[i])] = (u, upd["images"][i], upd["scores"][i])
     labels_t, images_t = torch.tensor(upd["labels"]), torch.tensor(upd["images"])
     scores_t = torch.tensor(upd["scores"])
     toy_bank.push(ids, labels_t, scores_t, images_t, toy_quota)
-    toy_loop = reference.memory_push_loop(toy_loop, ids, labels_t, scores_t, images_t, toy_quota, toy_psi)
+    toy_loop = reference.memory_push_loop(
+        toy_loop, ids, labels_t, scores_t, images_t, toy_quota, toy_psi
+    )
     snapshots.append([[int(v) for v in toy_bank.get(c).flatten()] for c in range(2)])
     for c in range(2):
         print(f"after update {u}, class {c}: scores in the bank (newest first) =",
@@ -151,11 +182,22 @@ for c, ax in enumerate(axes):
     for u, snap in enumerate(snapshots):
         for k, i in enumerate(snap[c]):
             grid[u, k] = origin[i][0]
-            ax.text(k, u, f"{origin[i][2]:.2f}\nimg {origin[i][1]}", ha="center", va="center", fontsize=8)
+            ax.text(
+                k,
+                u,
+                f"{origin[i][2]:.2f}\nimg {origin[i][1]}",
+                ha="center",
+                va="center",
+                fontsize=8,
+            )
     ax.imshow(grid, cmap="Pastel1", vmin=0, vmax=8, aspect="auto")
     ax.set_xticks(range(toy_psi), [f"slot {k}" for k in range(toy_psi)])
-    ax.set_yticks(range(len(toy_updates)), [f"after update {u}" for u in range(len(toy_updates))])
-    ax.set_title(f"class {c}: score and image of each entry\n(colour = the update it came from)")
+    ax.set_yticks(
+        range(len(toy_updates)), [f"after update {u}" for u in range(len(toy_updates))]
+    )
+    ax.set_title(
+        f"class {c}: score and image of each entry\n(colour = the update it came from)"
+    )
 plt.tight_layout()
 plt.show()
 
@@ -170,12 +212,24 @@ plt.show()
 # ## Run: the Feature Quality Filter on hand-made logits
 
 # %%
-toy_logits = torch.tensor([[4.0, 0.0, 0.0], [0.4, 0.0, 0.0], [0.0, 5.0, 0.0], [0.0, 0.0, 6.0]])  # 4 pixels, 3 classes
+# 4 pixels, 3 classes
+toy_logits = torch.tensor(
+    [[4.0, 0.0, 0.0], [0.4, 0.0, 0.0], [0.0, 5.0, 0.0], [0.0, 0.0, 6.0]]
+)
 toy_labels = torch.tensor([0, 0, 0, 2])
-toy_mask = feature_quality_filter(toy_logits.T[None, :, None, :], toy_labels[None, None, :], phi=0.95)[0, 0]
-print(pd.DataFrame({"label": toy_labels.tolist(), "teacher class": toy_logits.argmax(1).tolist(),
-                    "confidence": toy_logits.softmax(1).max(1).values.numpy().round(3),
-                    "kept by FQF (phi=0.95)": toy_mask.tolist()}))
+toy_mask = feature_quality_filter(
+    toy_logits.T[None, :, None, :], toy_labels[None, None, :], phi=0.95
+)[0, 0]
+print(
+    pd.DataFrame(
+        {
+            "label": toy_labels.tolist(),
+            "teacher class": toy_logits.argmax(1).tolist(),
+            "confidence": toy_logits.softmax(1).max(1).values.numpy().round(3),
+            "kept by FQF (phi=0.95)": toy_mask.tolist(),
+        }
+    )
+)
 
 # %% [markdown]
 # ## Run: the bank filling during training on CamVid
@@ -187,24 +241,46 @@ print(pd.DataFrame({"label": toy_labels.tolist(), "teacher class": toy_logits.ar
 
 # %%
 trainer = Trainer(cfg, C, len(labeled), "cpu")
-labeled_batches = Batches(labeled, cfg.batch_labeled, cfg.base_size, cfg.crop_size, seeded(cfg.seed, 1).initial_seed())
-unlabeled_batches = Batches(unlabeled, cfg.batch_unlabeled, cfg.base_size, cfg.crop_size, seeded(cfg.seed, 2).initial_seed())
+labeled_batches = Batches(
+    labeled,
+    cfg.batch_labeled,
+    cfg.base_size,
+    cfg.crop_size,
+    seeded(cfg.seed, 1).initial_seed(),
+)
+unlabeled_batches = Batches(
+    unlabeled,
+    cfg.batch_unlabeled,
+    cfg.base_size,
+    cfg.crop_size,
+    seeded(cfg.seed, 2).initial_seed(),
+)
 fill = [trainer.bank.count.clone()]
 t0 = time.time()
 for it in range(steps):
     terms = trainer.step(labeled_batches(it), unlabeled_batches(it))
     fill.append(trainer.bank.count.clone())
 fill = torch.stack(fill)  # [steps + 1, C]
-print(f"{steps} iterations in {time.time() - t0:.1f} s; quota K = {trainer.quota}; last loss terms:",
-      {k: round(v, 4) for k, v in terms.items()})
+print(
+    f"{steps} iterations in {time.time() - t0:.1f} s; quota K = {trainer.quota}; "
+    "last loss terms:",
+    {k: round(v, 4) for k, v in terms.items()},
+)
 
 # %%
 fig, ax = plt.subplots(figsize=(8, 3.5))
 colours = np.array(palette, dtype=float) / 255
 bottom = np.zeros(steps + 1)
 for c in range(C):
-    ax.bar(np.arange(steps + 1), fill[:, c].numpy(), bottom=bottom, color=colours[c], label=class_names[c],
-           edgecolor="white", linewidth=0.3)
+    ax.bar(
+        np.arange(steps + 1),
+        fill[:, c].numpy(),
+        bottom=bottom,
+        color=colours[c],
+        label=class_names[c],
+        edgecolor="white",
+        linewidth=0.3,
+    )
     bottom += fill[:, c].numpy()
 ax.axhline(C * psi, color="k", ls="--", lw=1)
 ax.text(0, C * psi, f"  full: {C} classes x psi={psi}", va="bottom")
@@ -223,14 +299,17 @@ plt.show()
 
 # %%
 if data_overrides:
-    print("TinyShapes fallback: no road, sky or building here; the claim is not checked")
+    print(
+        "TinyShapes fallback: no road, sky or building here; the claim is not checked"
+    )
 else:
     mean_fill = fill.float().mean(0)  # entries per class, averaged over the iterations
     frequent = [class_names.index(n) for n in ("Road", "Sky", "Building")]
     rare = [class_names.index(n) for n in ("SignSymbol", "Pedestrian", "Bicyclist")]
     print({class_names[c]: round(float(mean_fill[c]), 1) for c in frequent + rare})
     assert mean_fill[frequent].min() > mean_fill[rare].max(), mean_fill
-#
+
+# %% [markdown]
 # ## Run: which pixels would enter the bank?
 #
 # We repeat the bank update of the next iteration by hand on one labeled batch. To see *which*
@@ -268,16 +347,28 @@ x_l, y_l, ids_l = labeled_batches(steps)
 x_la, y_la, _ = augment(x_l, y_l, None, WEAK, seeded(cfg.seed, steps, 7))
 teacher = trainer.teacher  # eval mode, no gradients
 with torch.no_grad():
-    teacher_logits, teacher_feats = teacher(x_la)                      # [B, C, h, w], [B, D, h, w]
+    teacher_logits, teacher_feats = teacher(x_la)  # [B, C, h, w], [B, D, h, w]
     vectors, vec_labels, labels_small = pixels_to_vectors(teacher_feats, y_la)
-    proj = teacher.projection(vectors)                                 # Z'
-    rank_scores = teacher.attention_proj(proj, vec_labels.masked_fill(vec_labels == 255, 0))  # R_c = S_c,xi(Z'_c)
+    proj = teacher.projection(vectors)  # Z'
+    # R_c = S_c,xi(Z'_c)
+    rank_scores = teacher.attention_proj(
+        proj, vec_labels.masked_fill(vec_labels == 255, 0)
+    )
 B, h, w = labels_small.shape
 probe = ClassMemoryBank(C, 256, 1)
 pixel_index = torch.arange(len(vectors), dtype=torch.float32)[:, None]
-probe.push(pixel_index, vec_labels, rank_scores, torch.arange(B).repeat_interleave(h * w), bank_quota(256, len(labeled)))
+probe.push(
+    pixel_index,
+    vec_labels,
+    rank_scores,
+    torch.arange(B).repeat_interleave(h * w),
+    bank_quota(256, len(labeled)),
+)
 chosen = torch.cat([probe.get(c).flatten() for c in range(C)]).long()
-print(f"{len(chosen)} pixels chosen out of {int((vec_labels != 255).sum())} labeled feature-grid pixels")
+print(
+    f"{len(chosen)} pixels chosen out of {int((vec_labels != 255).sum())} "
+    "labeled feature-grid pixels"
+)
 
 # %%
 b = 0
@@ -290,8 +381,12 @@ axes[0].set_title("weak view of a labeled image")
 axes[1].imshow(label_image(labels_small[b].numpy(), palette))
 axes[1].set_title(f"labels on the feature grid ({h}x{w})")
 im = axes[2].imshow(score_map, cmap="viridis")
-axes[2].scatter((in_image % w).numpy(), (in_image // w).numpy(), marker="x", c="r", s=40)
-axes[2].set_title("S_c,xi(z') of each pixel's class;\nx = top-5 per class entering the bank")
+axes[2].scatter(
+    (in_image % w).numpy(), (in_image // w).numpy(), marker="x", c="r", s=40
+)
+axes[2].set_title(
+    "S_c,xi(z') of each pixel's class;\nx = top-5 per class entering the bank"
+)
 plt.colorbar(im, ax=axes[2], fraction=0.04)
 for ax in axes:
     ax.axis("off")
@@ -311,7 +406,10 @@ conf, teacher_pred = teacher_probs.max(1)
 valid_px = labels_small != 255
 for phi in (0.95, 0.5, 0.2):
     passed = feature_quality_filter(teacher_logits, labels_small, phi)
-    print(f"phi = {phi:4}: {int(passed.sum()):5d} of {int(valid_px.sum())} labeled pixels pass the FQF")
+    print(
+        f"phi = {phi:4}: {int(passed.sum()):5d} of {int(valid_px.sum())} "
+        "labeled pixels pass the FQF"
+    )
 fig, ax = plt.subplots(figsize=(6, 2.8))
 ax.hist(conf[valid_px].numpy(), bins=40, color="grey")
 ax.axvline(0.95, color="r", ls="--", label="phi = 0.95 (paper)")
@@ -328,13 +426,21 @@ plt.show()
 # %%
 # The toy bank: vectorised push == the loop transcription, after every update
 for c in range(2):
-    assert [int(v) for v in toy_bank.get(c).flatten()] == [int(v) for v in toy_loop[c]], c
-# highest-scoring kept: update 0, image 0, class 0 had scores 0.20, 0.90, 0.60 -> K=2 keeps 0.90 and 0.60
+    assert (
+        [int(v) for v in toy_bank.get(c).flatten()] == [int(v) for v in toy_loop[c]]
+    ), c
+# highest-scoring kept: update 0, image 0, class 0 had scores 0.20, 0.90, 0.60 -> K=2
+# keeps 0.90 and 0.60
 first = [origin[i][2] for i in snapshots[0][0]]
 assert 0.90 in first and 0.60 in first and 0.20 not in first
-# newest first, oldest dropped: after update 1 class 0 holds the 3 newcomers, then the newest old entry
-assert [origin[i][0] for i in snapshots[1][0]] == [1, 1, 1, 0] and [origin[i][2] for i in snapshots[1][0]] == [0.95, 0.70, 0.40, 0.90]
-# update 2: the lowest of image 4 (0.15) is dropped, 0.95 from update 1 survives at the end
+# newest first, oldest dropped: after update 1 class 0 holds the 3 newcomers, then the
+# newest old entry
+assert (
+    [origin[i][0] for i in snapshots[1][0]] == [1, 1, 1, 0]
+    and [origin[i][2] for i in snapshots[1][0]] == [0.95, 0.70, 0.40, 0.90]
+)
+# update 2: the lowest of image 4 (0.15) is dropped, 0.95 from update 1 survives at the
+# end
 assert [origin[i][2] for i in snapshots[2][0]] == [0.75, 0.55, 0.50, 0.95]
 # the origin (update index) never increases along the queue: newest first
 for snap in snapshots:
@@ -354,7 +460,9 @@ for step in range(6):
     scores_r = torch.rand(N, generator=g)
     images_r = torch.randint(0, 3, (N,), generator=g) + 10 * step
     bank_r.push(feats_r, labels_r, scores_r, images_r, quota=2)
-    loop_r = reference.memory_push_loop(loop_r, feats_r, labels_r, scores_r, images_r, 2, psir)
+    loop_r = reference.memory_push_loop(
+        loop_r, feats_r, labels_r, scores_r, images_r, 2, psir
+    )
     for c in range(Cr):
         want = torch.stack(loop_r[c]) if loop_r[c] else torch.zeros(0, Dr)
         assert torch.equal(bank_r.get(c), want), (step, c)
@@ -364,9 +472,14 @@ for step in range(6):
 assert toy_mask.tolist() == [True, False, False, True]
 
 # The quota formula of §4.2
-assert bank_quota(256, 46) == max(1, 256 // 46) == 5 and bank_quota(256, 372) == 1 and bank_quota(16, 46) == 1
+assert (
+    bank_quota(256, 46) == max(1, 256 // 46) == 5
+    and bank_quota(256, 372) == 1
+    and bank_quota(16, 46) == 1
+)
 
-# The training run: counts never exceed psi, never shrink, grow by at most K per labeled image and class
+# The training run: counts never exceed psi, never shrink, grow by at most K per labeled
+# image and class
 assert (fill <= psi).all() and (fill[1:] >= fill[:-1]).all()
 assert ((fill[1:] - fill[:-1]) <= trainer.quota * cfg.batch_labeled).all()
 assert fill[-1].sum() > 0, "the bank received vectors"

@@ -41,10 +41,15 @@ t_start = time.time()
 
 try:
     dataset = build_dataset("camvid", "train")
-    dataset = dataset.subset(read_split("camvid", "1/8", 0)[0])  # the labeled images of split 0
-    base_size, crop_size = ([120, 90], [112, 88]) if smoke else ([240, 180], [224, 176])  # [W, H]
+    # the labeled images of split 0
+    dataset = dataset.subset(read_split("camvid", "1/8", 0)[0])
+    # [W, H]
+    base_size, crop_size = ([120, 90], [112, 88]) if smoke else ([240, 180], [224, 176])
 except FileNotFoundError as err:
-    print(f"CamVid not found ({err}).\n-> falling back to the built-in TinyShapes data (semiseg.data.TinyShapes)")
+    print(
+        f"CamVid not found ({err}).\n-> falling back to the built-in TinyShapes data "
+        "(semiseg.data.TinyShapes)"
+    )
     dataset = TinyShapes("train")
     base_size, crop_size = None, [96, 72]
 C_data = dataset.num_classes
@@ -133,7 +138,8 @@ pred_deg = [20, 65, 110, -25, 200, 250, 160]
 pred_len = torch.tensor([1.0, 0.8, 1.1, 0.9, 1.0, 1.0, 0.7])
 pred = unit(pred_deg) * pred_len[:, None]                    # [7, 2]
 labels = torch.tensor([0, 0, 0, 0, 1, 1, 1])
-pred_scores = torch.tensor([0.9, 0.5, 0.2, 0.6, 0.3, 0.8, 0.4])   # S_c,theta(p), in [0, 1]
+# S_c,theta(p), in [0, 1]
+pred_scores = torch.tensor([0.9, 0.5, 0.2, 0.6, 0.3, 0.8, 0.4])
 # memory bank: psi = 3 teacher vectors z' per class
 memory = torch.stack([unit([40, 50, 30]), unit([220, 230, 205])])  # [C, psi, 2]
 memory_scores = torch.tensor([[0.9, 0.5, 0.7], [0.6, 0.6, 0.9]])  # S_c,theta(z')
@@ -142,21 +148,39 @@ memory_scores = torch.tensor([[0.9, 0.5, 0.7], [0.6, 0.6, 0.9]])  # S_c,theta(z'
 w_pred = losses._l1_normalised(pred_scores, labels, C2)
 mem_labels = torch.arange(C2).repeat_interleave(3)
 w_mem = losses._l1_normalised(memory_scores.flatten(), mem_labels, C2).view(C2, 3)
-print(pd.DataFrame({"class": labels.tolist(), "angle (deg)": pred_deg, "S_c(p)": pred_scores.tolist(),
-                    "w_p (eq. 8)": w_pred.numpy().round(3)}).to_string(index=False))
+print(
+    pd.DataFrame(
+        {
+            "class": labels.tolist(),
+            "angle (deg)": pred_deg,
+            "S_c(p)": pred_scores.tolist(),
+            "w_p (eq. 8)": w_pred.numpy().round(3),
+        }
+    ).to_string(index=False)
+)
 print("\nmemory weights w_z' (eq. 8):\n", w_mem.numpy().round(3))
 
 # %%
-loss_loop = reference.contrastive_loss_loop(pred, labels, memory, pred_scores, memory_scores, C2)
+loss_loop = reference.contrastive_loss_loop(
+    pred, labels, memory, pred_scores, memory_scores, C2
+)
 loss_vec = losses.contrastive_loss(pred, labels, memory, pred_scores, memory_scores, C2)
 # the identity, by hand: 1 - <pbar_c, zbar_c> per class
-p_unit, z_unit = pred / pred.norm(dim=1, keepdim=True), memory / memory.norm(dim=2, keepdim=True)
-pbar = torch.stack([(w_pred[labels == c, None] * p_unit[labels == c]).mean(0) for c in range(C2)])
+p_unit, z_unit = (
+    pred / pred.norm(dim=1, keepdim=True),
+    memory / memory.norm(dim=2, keepdim=True),
+)
+pbar = torch.stack(
+    [(w_pred[labels == c, None] * p_unit[labels == c]).mean(0) for c in range(C2)]
+)
 zbar = (w_mem[:, :, None] * z_unit).mean(1)
 per_class = 1 - (pbar * zbar).sum(1)
 print(f"loop (eq. 8-11, N x psi cosines): {loss_loop:.6f}")
 print(f"vectorised (semiseg.losses):      {loss_vec:.6f}")
-print(f"1 - <pbar_c, zbar_c> per class:   {per_class.numpy().round(6)}  -> mean over C: {per_class.mean():.6f}")
+print(
+    f"1 - <pbar_c, zbar_c> per class:   {per_class.numpy().round(6)}  "
+    f"-> mean over C: {per_class.mean():.6f}"
+)
 
 
 # %%
@@ -166,13 +190,31 @@ def draw(ax, pred, title, pbar=None, zbar=None, weights=w_pred):
     ax.plot(np.cos(t), np.sin(t), color="lightgrey", lw=1)
     for c in range(C2):
         for z, wz in zip(memory[c], w_mem[c]):
-            ax.annotate("", xy=z.numpy(), xytext=(0, 0),
-                        arrowprops=dict(arrowstyle="->", ls="--", color=colours[c], lw=0.8 + 1.5 * float(wz)))
+            ax.annotate(
+                "",
+                xy=z.numpy(),
+                xytext=(0, 0),
+                arrowprops=dict(
+                    arrowstyle="->", ls="--", color=colours[c], lw=0.8 + 1.5 * float(wz)
+                ),
+            )
     for p, c, wp in zip(pred, labels, weights):
-        ax.annotate("", xy=p.detach().numpy(), xytext=(0, 0),
-                    arrowprops=dict(arrowstyle="-|>", color=colours[int(c)], lw=0.8 + 1.5 * float(wp)))
-        ax.text(*(1.12 * p.detach().numpy() / float(p.detach().norm())), f"w={float(wp):.2f}", fontsize=7,
-                ha="center", va="center", color=colours[int(c)])
+        ax.annotate(
+            "",
+            xy=p.detach().numpy(),
+            xytext=(0, 0),
+            arrowprops=dict(
+                arrowstyle="-|>", color=colours[int(c)], lw=0.8 + 1.5 * float(wp)
+            ),
+        )
+        ax.text(
+            *(1.12 * p.detach().numpy() / float(p.detach().norm())),
+            f"w={float(wp):.2f}",
+            fontsize=7,
+            ha="center",
+            va="center",
+            color=colours[int(c)],
+        )
     if pbar is not None:
         for c in range(C2):
             ax.plot(*pbar[c].numpy(), "o", color=colours[c], ms=7, mec="k")
@@ -201,7 +243,9 @@ pred_var = pred.clone().requires_grad_(True)
 optimizer = torch.optim.SGD([pred_var], lr=lr)
 trajectory, loss_curve = [pred_var.detach().clone()], []
 for _ in range(n_steps):
-    loss = losses.contrastive_loss(pred_var, labels, memory, pred_scores, memory_scores, C2)
+    loss = losses.contrastive_loss(
+        pred_var, labels, memory, pred_scores, memory_scores, C2
+    )
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
@@ -210,10 +254,20 @@ for _ in range(n_steps):
 trajectory = torch.stack(trajectory)  # [steps + 1, N, 2]
 
 fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
-draw(axes[0], trajectory[-1], f"after {n_steps} gradient steps (dots: path of each unit direction)")
+draw(
+    axes[0],
+    trajectory[-1],
+    f"after {n_steps} gradient steps (dots: path of each unit direction)",
+)
 for i in range(len(pred)):
     path = trajectory[:, i] / trajectory[:, i].norm(dim=1, keepdim=True)
-    axes[0].plot(path[:, 0], path[:, 1], ".", ms=3, color=["tab:blue", "tab:orange"][int(labels[i])])
+    axes[0].plot(
+        path[:, 0],
+        path[:, 1],
+        ".",
+        ms=3,
+        color=["tab:blue", "tab:orange"][int(labels[i])],
+    )
 axes[1].plot(loss_curve, "k.-")
 axes[1].set_xlabel("gradient step")
 axes[1].set_ylabel("L_contr")
@@ -234,17 +288,27 @@ pair = unit([50, 130]).requires_grad_(True)        # both 40 degrees from the ta
 pair_labels = torch.tensor([0, 0])
 pair_scores = torch.tensor([0.8, 0.2])
 target = unit([90])[None]                           # [C=1, psi=1, 2]
-loss_pair = losses.contrastive_loss(pair, pair_labels, target, pair_scores, torch.ones(1, 1), 1)
+loss_pair = losses.contrastive_loss(
+    pair, pair_labels, target, pair_scores, torch.ones(1, 1), 1
+)
 grad_pair = torch.autograd.grad(loss_pair, pair)[0]
 pair_weights = losses._l1_normalised(pair_scores, pair_labels, 1)
-print("weights:", pair_weights.tolist(), " |gradient|:", grad_pair.norm(dim=1).numpy().round(5),
-      " ratio:", float(grad_pair.norm(dim=1)[0] / grad_pair.norm(dim=1)[1]))
+print(
+    "weights:",
+    pair_weights.tolist(),
+    " |gradient|:",
+    grad_pair.norm(dim=1).numpy().round(5),
+    " ratio:",
+    float(grad_pair.norm(dim=1)[0] / grad_pair.norm(dim=1)[1]),
+)
 
 angles = [[50.0, 130.0]]
 pv = pair.detach().clone().requires_grad_(True)
 opt = torch.optim.SGD([pv], lr=1.0)
 for _ in range(15):
-    loss_p = losses.contrastive_loss(pv, pair_labels, target, pair_scores, torch.ones(1, 1), 1)
+    loss_p = losses.contrastive_loss(
+        pv, pair_labels, target, pair_scores, torch.ones(1, 1), 1
+    )
     opt.zero_grad()
     loss_p.backward()
     opt.step()
@@ -276,10 +340,19 @@ m_var = memory_scores.clone().requires_grad_(True)
 loss_s = losses.contrastive_loss(pred, labels, memory, s_var, m_var, C2)
 loss_s.backward()
 d = 1 - (p_unit * zbar[labels]).sum(1)
-expected = (d - per_class[labels]) / (C2 * torch.stack([pred_scores[labels == c].sum() for c in range(C2)])[labels])
-print(pd.DataFrame({"class": labels.tolist(), "d_j = 1 - <p_j, zbar>": d.numpy().round(4),
-                    "dL/ds_j (autograd)": s_var.grad.numpy().round(5),
-                    "(d_j - L_c) / (C sum s)": expected.numpy().round(5)}).to_string(index=False))
+expected = (d - per_class[labels]) / (
+    C2 * torch.stack([pred_scores[labels == c].sum() for c in range(C2)])[labels]
+)
+print(
+    pd.DataFrame(
+        {
+            "class": labels.tolist(),
+            "d_j = 1 - <p_j, zbar>": d.numpy().round(4),
+            "dL/ds_j (autograd)": s_var.grad.numpy().round(5),
+            "(d_j - L_c) / (C sum s)": expected.numpy().round(5),
+        }
+    ).to_string(index=False)
+)
 
 # %% [markdown]
 # ## Run: real features of EfficientNet-Lite0 DeepLabv3+ on two CamVid images
@@ -297,13 +370,20 @@ image_labels = torch.stack([c[1] for c in crops])  # [2, H, W]
 model = build_model("effnet_lite0_dlv3p", C_data).eval()
 teacher = make_teacher(model)
 
-with torch.no_grad():  # the teacher's side: Z' = g_xi(f_xi^-(x)) of image 2 into the bank
+# the teacher's side: Z' = g_xi(f_xi^-(x)) of image 2 into the bank
+with torch.no_grad():
     _, feats_t = teacher(images[1:])
     v_t, l_t, _ = pixels_to_vectors(feats_t, image_labels[1:])
     keep_t = l_t != 255
     z_t = teacher.projection(v_t[keep_t])
     bank = ClassMemoryBank(C_data, 64, model.head_dim)
-    bank.push(z_t, l_t[keep_t], teacher.attention_proj(z_t, l_t[keep_t]), torch.zeros_like(l_t[keep_t]), quota=64)
+    bank.push(
+        z_t,
+        l_t[keep_t],
+        teacher.attention_proj(z_t, l_t[keep_t]),
+        torch.zeros_like(l_t[keep_t]),
+        quota=64,
+    )
 
 _, feats_s = model(images[:1])                                   # [1, 256, H/8, W/8]
 v_s, l_s, labels_small = pixels_to_vectors(feats_s, image_labels[:1])
@@ -314,10 +394,17 @@ s_p = model.attention_pred(p_s, labels_s)                        # S_c,theta(p)
 slot_valid = torch.arange(bank.size)[None] < bank.count[:, None]
 mem_labels_real = torch.arange(C_data)[:, None].expand_as(slot_valid)
 s_z = torch.zeros(slot_valid.shape)
-s_z[slot_valid] = model.attention_proj(bank.memory[slot_valid], mem_labels_real[slot_valid])  # S_c,theta(z')
+# S_c,theta(z')
+s_z[slot_valid] = model.attention_proj(
+    bank.memory[slot_valid], mem_labels_real[slot_valid]
+)
 
-real_vec = losses.contrastive_loss(p_s, labels_s, bank.memory, s_p, s_z, C_data, memory_count=bank.count)
-real_loop = reference.contrastive_loss_loop(p_s, labels_s, bank.memory, s_p, s_z, C_data, memory_count=bank.count)
+real_vec = losses.contrastive_loss(
+    p_s, labels_s, bank.memory, s_p, s_z, C_data, memory_count=bank.count
+)
+real_loop = reference.contrastive_loss_loop(
+    p_s, labels_s, bank.memory, s_p, s_z, C_data, memory_count=bank.count
+)
 grad_vec = torch.autograd.grad(real_vec, p_s, retain_graph=True)[0]
 grad_loop = torch.autograd.grad(real_loop, p_s, retain_graph=True)[0]
 print(f"{len(p_s)} student vectors, bank entries per class {bank.count.tolist()}")
@@ -325,12 +412,26 @@ print(f"L_contr vectorised = {float(real_vec):.6f}, loop = {float(real_loop):.6f
       f"max |grad difference| = {float((grad_vec - grad_loop).abs().max()):.2e}")
 
 # per-class terms 1 - <pbar_c, zbar_c>: the loss restricted to one class, times C
-per_class_real = torch.stack([
-    losses.contrastive_loss(p_s, labels_s.masked_fill(labels_s != c, 255), bank.memory, s_p, s_z, C_data,
-                            memory_count=bank.count) * C_data for c in range(C_data)]).detach()
+per_class_real = torch.stack(
+    [
+        losses.contrastive_loss(
+            p_s,
+            labels_s.masked_fill(labels_s != c, 255),
+            bank.memory,
+            s_p,
+            s_z,
+            C_data,
+            memory_count=bank.count,
+        )
+        * C_data
+        for c in range(C_data)
+    ]
+).detach()
 
 # %%
-fig, axes = plt.subplots(1, 4, figsize=(15, 3.2), gridspec_kw={"width_ratios": [1, 1, 1, 1.3]})
+fig, axes = plt.subplots(
+    1, 4, figsize=(15, 3.2), gridspec_kw={"width_ratios": [1, 1, 1, 1.3]}
+)
 axes[0].imshow(images[0].permute(1, 2, 0).numpy())
 axes[0].set_title("image 1 (student)")
 axes[1].imshow(label_image(image_labels[0].numpy(), dataset.palette))
@@ -358,15 +459,27 @@ plt.show()
 
 # %%
 n_vectors = (5 + 2 * 5) * (512 // 8) ** 2
-print(f"N = {n_vectors} vectors x psi = 256 memory entries = {n_vectors * 256 / 1e6:.1f} M cosines "
-      f"({n_vectors * 256 * 4 / 2**20:.0f} MiB in fp32, again for the backward pass); "
-      f"the identity needs C x D = 19 x 256 class means per side.")
+print(
+    f"N = {n_vectors} vectors x psi = 256 memory entries = "
+    f"{n_vectors * 256 / 1e6:.1f} M cosines "
+    f"({n_vectors * 256 * 4 / 2**20:.0f} MiB in fp32, again for the backward pass); "
+    f"the identity needs C x D = 19 x 256 class means per side."
+)
 if not smoke:  # a timing on a medium problem
     g = torch.Generator().manual_seed(seed)
     Nt, Ct, psit, Dt = 20_000, 11, 256, 256
-    args_t = (torch.randn(Nt, Dt, generator=g), torch.randint(0, Ct, (Nt,), generator=g),
-              torch.randn(Ct, psit, Dt, generator=g), torch.rand(Nt, generator=g), torch.rand(Ct, psit, generator=g), Ct)
-    for name, fn in (("loop", reference.contrastive_loss_loop), ("vectorised", losses.contrastive_loss)):
+    args_t = (
+        torch.randn(Nt, Dt, generator=g),
+        torch.randint(0, Ct, (Nt,), generator=g),
+        torch.randn(Ct, psit, Dt, generator=g),
+        torch.rand(Nt, generator=g),
+        torch.rand(Ct, psit, generator=g),
+        Ct,
+    )
+    for name, fn in (
+        ("loop", reference.contrastive_loss_loop),
+        ("vectorised", losses.contrastive_loss),
+    ):
         t0 = time.time()
         value = fn(*args_t)
         print(f"{name:>10}: {float(value):.6f} in {1000 * (time.time() - t0):.0f} ms")
@@ -383,33 +496,60 @@ def value_and_grads(fn, pred, labels, memory, ps, ms, C, count=None):
     return loss.detach(), pred.grad, ps.grad, ms.grad, memory.grad
 
 
-# loop vs vectorised on random problems with ignored pixels, absent classes and partly filled banks
+# loop vs vectorised on random problems with ignored pixels, absent classes and partly
+# filled banks
 for trial in range(3):
     g = torch.Generator().manual_seed(100 + trial)
     N, Cr, psir, Dr = 300, 5, 12, 16
     lab = torch.randint(0, Cr, (N,), generator=g)
-    lab[lab == 3] = 255                     # class 3 absent from the batch (ignored pixels)
+    lab[lab == 3] = 255  # class 3 absent from the batch (ignored pixels)
     count = torch.tensor([12, 5, 0, 12, 7])  # class 2 has an empty bank
-    args = (torch.randn(N, Dr, generator=g), lab, torch.randn(Cr, psir, Dr, generator=g),
-            torch.rand(N, generator=g) + 0.01, torch.rand(Cr, psir, generator=g) + 0.01, Cr, count)
+    args = (
+        torch.randn(N, Dr, generator=g),
+        lab,
+        torch.randn(Cr, psir, Dr, generator=g),
+        torch.rand(N, generator=g) + 0.01,
+        torch.rand(Cr, psir, generator=g) + 0.01,
+        Cr,
+        count,
+    )
     out_loop = value_and_grads(reference.contrastive_loss_loop, *args)
     out_vec = value_and_grads(losses.contrastive_loss, *args)
-    for name, a, b in zip(["value", "dL/dp", "dL/dS(p)", "dL/dS(z')"], out_loop[:4], out_vec[:4]):
-        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5), (trial, name, float((a - b).abs().max()))
-    assert out_loop[4] is None and out_vec[4] is None, "the memory must receive no gradient"
+    for name, a, b in zip(
+        ["value", "dL/dp", "dL/dS(p)", "dL/dS(z')"], out_loop[:4], out_vec[:4]
+    ):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5), (
+            trial,
+            name,
+            float((a - b).abs().max()),
+        )
+    assert out_loop[4] is None and out_vec[4] is None, (
+        "the memory must receive no gradient"
+    )
 
 # the 2-D example: loop == vectorised == the identity by hand
 assert abs(float(loss_loop) - float(loss_vec)) < 1e-6
 assert abs(float(per_class.mean()) - float(loss_vec)) < 1e-6
 # eq. (8): weights have mean 1 per class on both sides
 for c in range(C2):
-    assert abs(float(w_pred[labels == c].mean()) - 1) < 1e-6 and abs(float(w_mem[c].mean()) - 1) < 1e-6
+    assert (
+        abs(float(w_pred[labels == c].mean()) - 1) < 1e-6
+        and abs(float(w_mem[c].mean()) - 1) < 1e-6
+    )
 
-# the loss is 0 when every vector points like its class's memory (whatever the lengths and scores)
-aligned_pred = unit([30, 30, 30, 200, 200]) * torch.tensor([[0.5], [1.0], [3.0], [2.0], [0.1]])
-aligned = losses.contrastive_loss(aligned_pred, torch.tensor([0, 0, 0, 1, 1]),
-                                  torch.stack([unit([30] * 3) * 2, unit([200] * 3)]), torch.rand(5) + 0.1,
-                                  torch.rand(2, 3) + 0.1, 2)
+# the loss is 0 when every vector points like its class's memory (whatever the lengths
+# and scores)
+aligned_pred = unit([30, 30, 30, 200, 200]) * torch.tensor(
+    [[0.5], [1.0], [3.0], [2.0], [0.1]]
+)
+aligned = losses.contrastive_loss(
+    aligned_pred,
+    torch.tensor([0, 0, 0, 1, 1]),
+    torch.stack([unit([30] * 3) * 2, unit([200] * 3)]),
+    torch.rand(5) + 0.1,
+    torch.rand(2, 3) + 0.1,
+    2,
+)
 assert abs(float(aligned)) < 1e-6, float(aligned)
 
 # gradient steps reduce the loss; the high-weight vector moves 4x faster
@@ -417,12 +557,15 @@ assert loss_curve[-1] < loss_curve[0]
 assert abs(float(grad_pair.norm(dim=1)[0] / grad_pair.norm(dim=1)[1]) - 4.0) < 1e-4
 assert abs(angles[-1, 0] - 90) < abs(angles[-1, 1] - 90)
 
-# score gradients: the closed form, and invariance to scaling the scores of a class (L1 normalisation)
+# score gradients: the closed form, and invariance to scaling the scores of a class (L1
+# normalisation)
 assert torch.allclose(s_var.grad, expected, atol=1e-6)
 for c in range(C2):
     assert abs(float((pred_scores[labels == c] * s_var.grad[labels == c]).sum())) < 1e-6
     assert abs(float((memory_scores[c] * m_var.grad[c]).sum())) < 1e-6
-assert (m_var.grad.abs() > 0).any(), "the memory-side attention S_c(z') is trained by the loss"
+assert (m_var.grad.abs() > 0).any(), (
+    "the memory-side attention S_c(z') is trained by the loss"
+)
 
 # real features: loop == vectorised, and the per-class terms add up to the loss
 assert abs(float(real_vec) - float(real_loop)) < 1e-5

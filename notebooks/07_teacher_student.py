@@ -44,14 +44,29 @@ extra_steps = 1 if smoke else 8
 
 _, data_overrides = camvid_or_tiny("train")
 
-# The CPU profile (1500 iterations), with small crops and batches. The warm-up is switched off so
-# that the traced iteration has all four terms of eq. (1), and the FQF is off so that the memory
-# bank has entries after one iteration (a fresh teacher is never 95 % confident, see notebook 05).
-cfg = load_config("camvid_quick", {"crop_size": [crop, crop], "batch_labeled": 2, "batch_unlabeled": 2,
-                                   "psi": 16, "fqf": False, "warmup_frac": 0.0, "seed": seed, **data_overrides})
+# The CPU profile (1500 iterations), with small crops and batches. The warm-up is
+# switched off so that the traced iteration has all four terms of eq. (1), and the FQF
+# is off so that the memory bank has entries after one iteration (a fresh teacher is
+# never 95 % confident, see notebook 05).
+cfg = load_config(
+    "camvid_quick",
+    {
+        "crop_size": [crop, crop],
+        "batch_labeled": 2,
+        "batch_unlabeled": 2,
+        "psi": 16,
+        "fqf": False,
+        "warmup_frac": 0.0,
+        "seed": seed,
+        **data_overrides,
+    },
+)
 labeled, unlabeled, _ = build_train_data(cfg)
 C, palette = labeled.num_classes, labeled.palette
-print(f"{cfg.dataset}: {len(labeled)} labeled / {len(unlabeled)} unlabeled images; {cfg.iterations} iterations in the profile")
+print(
+    f"{cfg.dataset}: {len(labeled)} labeled / {len(unlabeled)} unlabeled images; "
+    f"{cfg.iterations} iterations in the profile"
+)
 
 # %% [markdown]
 # ## Idea
@@ -116,13 +131,17 @@ toy_teacher = make_teacher(toy_student)
 with torch.no_grad():
     for p in toy_student.parameters():
         p.add_(torch.randn_like(p))
-toy_student.train()(torch.randn(8, 3))  # a forward pass in train mode moves the BN running statistics
+# a forward pass in train mode moves the BN running statistics
+toy_student.train()(torch.randn(8, 3))
 before = {k: v.clone() for k, v in toy_teacher.state_dict().items()}
 ema_update(toy_teacher, toy_student, 0.9)
 for k, v in toy_teacher.state_dict().items():
     s = toy_student.state_dict()[k]
     rule = 0.9 * before[k] + 0.1 * s if v.is_floating_point() else s
-    print(f"{k:28s} max |teacher - eq.(2)| = {float((v.float() - rule.float()).abs().max()):.1e}")
+    print(
+        f"{k:28s} max |teacher - eq.(2)| = "
+        f"{float((v.float() - rule.float()).abs().max()):.1e}"
+    )
 
 # %% [markdown]
 # ## Run: τ over training
@@ -140,7 +159,9 @@ for T, style in ((150_000, "-"), (1_500, "--")):
     axes[0].plot(t / T, tau, style, label=f"T = {T:,}")
     horizon = 1 / (1 - tau[tau < 1])
     axes[1].plot(t[tau < 1] / T, horizon / T, style, label=f"T = {T:,}")
-axes[0].axhline(0.996, color="grey", lw=0.8, ls=":", label="official code: 0.996, constant")
+axes[0].axhline(
+    0.996, color="grey", lw=0.8, ls=":", label="official code: 0.996, constant"
+)
 axes[0].set_xlabel("fraction of training t / T")
 axes[0].set_ylabel("tau")
 axes[0].legend()
@@ -150,7 +171,10 @@ axes[1].set_ylabel("1 / (1 - tau), as a fraction of T")
 axes[1].legend()
 plt.tight_layout()
 plt.show()
-print("tau at t = 0, T/2, T-1 (T = 1500):", [round(tau_schedule(i, 1500), 5) for i in (0, 750, 1499)])
+print(
+    "tau at t = 0, T/2, T-1 (T = 1500):",
+    [round(tau_schedule(i, 1500), 5) for i in (0, 750, 1499)],
+)
 
 # %% [markdown]
 # ## Run: the λ's of eq. (1) and the warm-up
@@ -164,13 +188,19 @@ def lambdas_at(config, iteration):
     return Trainer.lambdas(SimpleNamespace(cfg=config, iteration=iteration))
 
 
-profiles = {"paper (Cityscapes DLv2)": load_config("paper_cityscapes_dlv2"), "CPU profile (camvid_quick)": load_config("camvid_quick")}
+profiles = {
+    "paper (Cityscapes DLv2)": load_config("paper_cityscapes_dlv2"),
+    "CPU profile (camvid_quick)": load_config("camvid_quick"),
+}
 fig, axes = plt.subplots(1, 2, figsize=(11, 3.3))
 lambda_curves = {}
 for ax, (name, prof) in zip(axes, profiles.items()):
     warm = round(prof.warmup_frac * prof.iterations)
     its = np.arange(0, 3 * warm)
-    curves = {k: np.array([lambdas_at(prof, int(i))[k] for i in its]) for k in ("sup", "pseudo", "ent", "contr")}
+    curves = {
+        k: np.array([lambdas_at(prof, int(i))[k] for i in its])
+        for k in ("sup", "pseudo", "ent", "contr")
+    }
     lambda_curves[name] = (its, curves, warm)
     for k, style in zip(curves, ("-", "--", "-.", ":")):
         ax.step(its, curves[k], style, where="post", label=f"lambda_{k}", lw=2)
@@ -192,20 +222,44 @@ plt.show()
 
 # %%
 trainer = Trainer(cfg, C, len(labeled), "cpu")
-labeled_batches = Batches(labeled, cfg.batch_labeled, cfg.base_size, cfg.crop_size, seeded(cfg.seed, 1).initial_seed())
-unlabeled_batches = Batches(unlabeled, cfg.batch_unlabeled, cfg.base_size, cfg.crop_size, seeded(cfg.seed, 2).initial_seed())
+labeled_batches = Batches(
+    labeled,
+    cfg.batch_labeled,
+    cfg.base_size,
+    cfg.crop_size,
+    seeded(cfg.seed, 1).initial_seed(),
+)
+unlabeled_batches = Batches(
+    unlabeled,
+    cfg.batch_unlabeled,
+    cfg.base_size,
+    cfg.crop_size,
+    seeded(cfg.seed, 2).initial_seed(),
+)
 trainer.step(labeled_batches(0), unlabeled_batches(0))
 
 it = trainer.iteration
 labeled_batch, unlabeled_batch = labeled_batches(it), unlabeled_batches(it)
 x_l, y_l, ids_l = labeled_batch
-x_la, y_la, _ = augment(x_l, y_l, None, WEAK, trainer.generators(0, len(x_l)))  # eq. (4) input x_l^a
+# eq. (4) input x_l^a
+x_la, y_la, _ = augment(x_l, y_l, None, WEAK, trainer.generators(0, len(x_l)))
 x_u = unlabeled_batch[0]
-pseudo, conf = trainer.pseudo_labels(x_u)                                       # eq. (5), teacher
-views = [augment(x_u, pseudo, conf, STRONG, trainer.generators(2 + a, len(x_u)))  # x_u^a, A = 2
-         for a in range(cfg.num_views)]
-print("labeled", tuple(x_l.shape), "| unlabeled", tuple(x_u.shape), "| pseudo-labels", tuple(pseudo.shape),
-      f"| teacher confidence: mean {float(conf.mean()):.3f}, max {float(conf.max()):.3f} (1/C = {1 / C:.3f})")
+pseudo, conf = trainer.pseudo_labels(x_u)  # eq. (5), teacher
+# x_u^a, A = 2
+views = [
+    augment(x_u, pseudo, conf, STRONG, trainer.generators(2 + a, len(x_u)))
+    for a in range(cfg.num_views)
+]
+print(
+    "labeled",
+    tuple(x_l.shape),
+    "| unlabeled",
+    tuple(x_u.shape),
+    "| pseudo-labels",
+    tuple(pseudo.shape),
+    f"| teacher confidence: mean {float(conf.mean()):.3f}, "
+    f"max {float(conf.max()):.3f} (1/C = {1 / C:.3f})",
+)
 
 # %%
 def show_row(axes, image, labels, confidence=None, title=""):
@@ -226,7 +280,13 @@ b = 0
 fig, axes = plt.subplots(5, 4, figsize=(12, 14))
 show_row(axes[0, :2], x_l[b], y_l[b], title="labeled crop x_l")
 show_row(axes[0, 2:], x_la[b], y_la[b], title="weak view x_l^a (Table 1)")
-show_row(axes[1], x_u[b], pseudo[b], conf[b], title="unlabeled x_u (teacher input, no augmentation)")
+show_row(
+    axes[1],
+    x_u[b],
+    pseudo[b],
+    conf[b],
+    title="unlabeled x_u (teacher input, no augmentation)",
+)
 for a, (img, lab, cf) in enumerate(views):
     show_row(axes[2 + a], img[b], lab[b], cf[b], title=f"strong view a = {a + 1}")
 axes[4, 0].hist(conf.flatten().numpy(), bins=40, color="grey")
@@ -261,7 +321,12 @@ names = [k for k in ("sup", "pseudo", "ent", "contr") if k in terms]
 fig, ax = plt.subplots(figsize=(7, 3))
 xs = np.arange(len(names))
 ax.bar(xs - 0.2, [terms[k] for k in names], 0.4, label="term L_k")
-ax.bar(xs + 0.2, [lam[k] * terms[k] for k in names], 0.4, label="lambda_k * L_k (enters eq. 1)")
+ax.bar(
+    xs + 0.2,
+    [lam[k] * terms[k] for k in names],
+    0.4,
+    label="lambda_k * L_k (enters eq. 1)",
+)
 ax.set_xticks(xs, [f"L_{k}\n(lambda={lam[k]:g})" for k in names])
 ax.set_yscale("log")
 ax.legend()
@@ -277,12 +342,18 @@ plt.show()
 
 # %%
 def weight_distance(a, b):
-    return float(torch.sqrt(sum(((p - q) ** 2).sum() for p, q in zip(a.parameters(), b.parameters()))))
+    return float(
+        torch.sqrt(
+            sum(((p - q) ** 2).sum() for p, q in zip(a.parameters(), b.parameters()))
+        )
+    )
 
 
 drift = [weight_distance(trainer.teacher, trainer.student)]
 for _ in range(extra_steps):
-    trainer.step(labeled_batches(trainer.iteration), unlabeled_batches(trainer.iteration))
+    trainer.step(
+        labeled_batches(trainer.iteration), unlabeled_batches(trainer.iteration)
+    )
     drift.append(weight_distance(trainer.teacher, trainer.student))
 fig, ax = plt.subplots(figsize=(5, 2.8))
 ax.plot(np.arange(it + 1, it + 2 + extra_steps), drift, "o-")
@@ -304,30 +375,48 @@ for k, v in toy_teacher.state_dict().items():
     else:
         assert torch.equal(v, s), k
 
-# the traced iteration: the teacher changed by exactly eq. (2) (parameters and BN statistics)
+# the traced iteration: the teacher changed by exactly eq. (2) (parameters and BN
+# statistics)
 max_rel = 0.0
 for k, xi_new in teacher_after.items():
     theta, xi_old = student_after[k], teacher_before[k]
     if xi_new.is_floating_point():
         rule = tau * xi_old + (1 - tau) * theta  # eq. (2)
         assert torch.allclose(xi_new, rule, rtol=1e-6, atol=1e-8), k
-        max_rel = max(max_rel, float(((xi_new - rule).abs() / rule.abs().clamp(min=1e-8)).max()))
+        max_rel = max(
+            max_rel, float(((xi_new - rule).abs() / rule.abs().clamp(min=1e-8)).max())
+        )
     else:
         assert torch.equal(xi_new, theta), k
-assert any(not torch.equal(teacher_after[k], teacher_before[k]) for k in teacher_before), "the teacher moved"
-print(f"eq. (2) holds for all {len(teacher_after)} tensors of the teacher (max relative error {max_rel:.1e})")
+assert any(
+    not torch.equal(teacher_after[k], teacher_before[k]) for k in teacher_before
+), "the teacher moved"
+print(
+    f"eq. (2) holds for all {len(teacher_after)} tensors of the teacher "
+    f"(max relative error {max_rel:.1e})"
+)
 
-# augment is a function of the per-sample generators, keyed on (seed, iteration, stream, sample):
-# the same keys give the same views, whatever else ran in between
+# augment is a function of the per-sample generators, keyed on (seed, iteration, stream,
+# sample): the same keys give the same views, whatever else ran in between
 def keyed(stream, n):
     return [seeded(cfg.seed, it, 7, stream, i) for i in range(n)]
 
 
 x_la2, _, _ = augment(x_l, y_l, None, WEAK, keyed(0, len(x_l)))
-views2 = [augment(x_u, pseudo, conf, STRONG, keyed(2 + a, len(x_u))) for a in range(cfg.num_views)]
-assert torch.equal(x_la2, x_la) and all(torch.equal(v2[0], v[0]) and torch.equal(v2[1], v[1]) for v2, v in zip(views2, views))
+views2 = [
+    augment(x_u, pseudo, conf, STRONG, keyed(2 + a, len(x_u)))
+    for a in range(cfg.num_views)
+]
+assert torch.equal(x_la2, x_la) and all(
+    torch.equal(v2[0], v[0]) and torch.equal(v2[1], v[1])
+    for v2, v in zip(views2, views)
+)
 # pseudo-labels are the argmax of the teacher (eq. 5), confidences its max probability
-assert pseudo.shape == x_u.shape[:1] + x_u.shape[2:] and (conf >= 1 / C - 1e-6).all() and (conf <= 1).all()
+assert (
+    pseudo.shape == x_u.shape[:1] + x_u.shape[2:]
+    and (conf >= 1 / C - 1e-6).all()
+    and (conf <= 1).all()
+)
 
 # the teacher has no gradients and stays in eval mode
 assert not trainer.teacher.training
@@ -343,21 +432,36 @@ assert set(names) == {"sup", "pseudo", "ent", "contr"}
 paper = profiles["paper (Cityscapes DLv2)"]
 assert round(paper.warmup_frac * paper.iterations) == 2000
 for i in (0, 1, 1999):
-    assert lambdas_at(paper, i) == {"sup": 1.0, "pseudo": 0.0, "ent": 0.01, "contr": 0.0}, i
+    assert lambdas_at(paper, i) == {
+        "sup": 1.0,
+        "pseudo": 0.0,
+        "ent": 0.01,
+        "contr": 0.0,
+    }, i
 for i in (2000, 2001, 149_999):
-    assert lambdas_at(paper, i) == {"sup": 1.0, "pseudo": 1.0, "ent": 0.01, "contr": 0.1}, i
+    assert lambdas_at(paper, i) == {
+        "sup": 1.0,
+        "pseudo": 1.0,
+        "ent": 0.01,
+        "contr": 0.1,
+    }, i
 assert round(profiles["CPU profile (camvid_quick)"].warmup_frac * 1500) == 20
 # ... and a step taken during the warm-up has no pseudo-label or contrastive term
 trainer.cfg = dataclasses.replace(cfg, warmup_frac=0.5)
 warm_lam = trainer.lambdas()
-warm_terms = trainer.step(labeled_batches(trainer.iteration), unlabeled_batches(trainer.iteration))
+warm_terms = trainer.step(
+    labeled_batches(trainer.iteration), unlabeled_batches(trainer.iteration)
+)
 trainer.cfg = cfg
 assert warm_lam["pseudo"] == 0 and warm_lam["contr"] == 0
 assert "pseudo" not in warm_terms and "contr" not in warm_terms and "ent" in warm_terms
 assert abs(warm_terms["loss"] - (warm_terms["sup"] + 0.01 * warm_terms["ent"])) < 1e-5
 
 # tau goes from 0.995 to 1, linearly
-assert abs(tau_schedule(0, 150_000) - 0.995) < 1e-12 and abs(tau_schedule(149_999, 150_000) - 1.0) < 1e-12
+assert (
+    abs(tau_schedule(0, 150_000) - 0.995) < 1e-12
+    and abs(tau_schedule(149_999, 150_000) - 1.0) < 1e-12
+)
 assert abs(tau_schedule(75_000, 150_001) - 0.9975) < 1e-12
 assert drift[0] > 0
 print(f"all checks passed ({time.time() - t_start:.1f} s for the notebook)")

@@ -44,15 +44,25 @@ import matplotlib.pyplot as plt
 from semiseg.config import load_config
 from semiseg.train import train
 
-settings = {"dataset": dataset, "ratio": ratio, "split": split, "variant": variant, "seed": seed}
-settings.update(dict(item.split("=", 1) for item in overrides.split()))  # e.g. "lambda_contr=1 psi=64"
+settings = {
+    "dataset": dataset,
+    "ratio": ratio,
+    "split": split,
+    "variant": variant,
+    "seed": seed,
+}
+# e.g. "lambda_contr=1 psi=64"
+settings.update(dict(item.split("=", 1) for item in overrides.split()))
 if smoke:
     profile = "smoke"
     settings.update({"dataset": "tiny", "ratio": "1/1" if ratio == "1/1" else "1/4"})
 cfg = load_config(profile, settings)
 if out_dir:
     cfg.out_dir = out_dir
-print(f"profile {cfg.profile}: {cfg.arch}, {cfg.iterations} iterations, run dir {cfg.run_dir()}")
+print(
+    f"profile {cfg.profile}: {cfg.arch}, {cfg.iterations} iterations, "
+    f"run dir {cfg.run_dir()}"
+)
 
 # %% [markdown]
 # A variant is a named set of overrides (`semiseg.config.VARIANTS`, applied by `load_config`
@@ -68,7 +78,16 @@ if summary_path.exists():
     summary = json.loads(summary_path.read_text())
 else:
     summary = train(cfg, progress=True, resume=resume)
-keys = ("variant", "seed", "scored_on", "miou", "val_miou", "teacher_miou", "iterations", "seconds")
+keys = (
+    "variant",
+    "seed",
+    "scored_on",
+    "miou",
+    "val_miou",
+    "teacher_miou",
+    "iterations",
+    "seconds",
+)
 print(json.dumps({k: summary.get(k) for k in keys}))
 
 # %% [markdown]
@@ -76,7 +95,10 @@ print(json.dumps({k: summary.get(k) for k in keys}))
 # Loss terms of eq. (1) over the iterations (each unweighted), and the memory-bank fill.
 
 # %%
-records = [json.loads(line) for line in (cfg.run_dir() / "metrics.jsonl").read_text().splitlines()]
+records = [
+    json.loads(line)
+    for line in (cfg.run_dir() / "metrics.jsonl").read_text().splitlines()
+]
 steps = [r for r in records if "loss" in r]
 fig, axes = plt.subplots(1, 2, figsize=(11, 3.5))
 for term in ("sup", "pseudo", "ent", "contr"):
@@ -86,7 +108,12 @@ for term in ("sup", "pseudo", "ent", "contr"):
 axes[0].set(xlabel="iteration", ylabel="loss term", yscale="log", title="loss terms")
 axes[0].legend()
 axes[1].plot([r["iteration"] for r in steps], [r["bank_fill"] for r in steps])
-axes[1].set(xlabel="iteration", ylabel="fraction of psi filled", title="memory bank fill", ylim=(0, 1.05))
+axes[1].set(
+    xlabel="iteration",
+    ylabel="fraction of psi filled",
+    title="memory bank fill",
+    ylim=(0, 1.05),
+)
 fig.tight_layout()
 curves = cfg.run_dir() / "curves.png"
 tmp = curves.with_name(".curves.png.tmp")

@@ -36,12 +36,17 @@ from semiseg.viz import show_source
 torch.manual_seed(seed)
 runs = results.collect()
 earlier = results.collect(results.EARLIER)
-print(f"{len(runs)} finished runs found under book/results, {len(earlier)} of earlier code")
+print(
+    f"{len(runs)} finished runs found under book/results, "
+    f"{len(earlier)} of earlier code"
+)
 
 
 def markdown_table(rows, columns):
     head = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
-    return head + "".join("| " + " | ".join(str(r.get(c, "")) for c in columns) + " |\n" for r in rows)
+    return head + "".join(
+        "| " + " | ".join(str(r.get(c, "")) for c in columns) + " |\n" for r in rows
+    )
 
 
 # %% [markdown]
@@ -64,11 +69,32 @@ display(Markdown(markdown_table(
 # `book/results/earlier/` for the record and are not mixed into any table below.
 
 # %%
-display(Markdown(markdown_table(
-    [{**r, "val mIoU": f"{r['miou']:.2f}", "minutes": f"{r['seconds'] / 60:.1f}",
-      "commit": r.get("commit", "")} for r in earlier],
-    ["dataset", "ratio", "split", "variant", "seed", "val mIoU", "iterations", "minutes",
-     "commit"])))
+display(
+    Markdown(
+        markdown_table(
+            [
+                {
+                    **r,
+                    "val mIoU": f"{r['miou']:.2f}",
+                    "minutes": f"{r['seconds'] / 60:.1f}",
+                    "commit": r.get("commit", ""),
+                }
+                for r in earlier
+            ],
+            [
+                "dataset",
+                "ratio",
+                "split",
+                "variant",
+                "seed",
+                "val mIoU",
+                "iterations",
+                "minutes",
+                "commit",
+            ],
+        )
+    )
+)
 
 # %% [markdown]
 # ## Mean ± std over seeds and splits
@@ -78,9 +104,21 @@ display(Markdown(markdown_table(
 
 # %%
 summary = results.aggregate(runs)
-display(Markdown(markdown_table(
-    [{**a, "mIoU": f"{a['miou_mean']:.2f}" + ("" if a["miou_std"] is None else f" ± {a['miou_std']:.2f}")} for a in summary],
-    ["dataset", "ratio", "profile", "variant", "runs", "mIoU"])))
+display(
+    Markdown(
+        markdown_table(
+            [
+                {
+                    **a,
+                    "mIoU": f"{a['miou_mean']:.2f}"
+                    + ("" if a["miou_std"] is None else f" ± {a['miou_std']:.2f}"),
+                }
+                for a in summary
+            ],
+            ["dataset", "ratio", "profile", "variant", "runs", "mIoU"],
+        )
+    )
+)
 show_source(results.aggregate)
 
 # %% [markdown]
@@ -95,14 +133,26 @@ show_source(results.aggregate)
 table5 = results.paper_table(5)
 paper = {r["setting"]: r["miou"] for r in table5}
 ours = {(a["dataset"], a["ratio"], a["variant"]): a for a in summary}
-rows = [{"source": "paper, Table 5 (Cityscapes 1/30, DLv2-R101)", "supervised": paper["sup"],
-         "full": paper["sup+pseudo+ent+contr"], "gain": f"{paper['sup+pseudo+ent+contr'] - paper['sup']:+.1f}"}]
+rows = [
+    {
+        "source": "paper, Table 5 (Cityscapes 1/30, DLv2-R101)",
+        "supervised": paper["sup"],
+        "full": paper["sup+pseudo+ent+contr"],
+        "gain": f"{paper['sup+pseudo+ent+contr'] - paper['sup']:+.1f}",
+    }
+]
 for (dataset, ratio, variant), a in ours.items():
     if variant == "full" and (dataset, ratio, "supervised") in ours:
         sup = ours[(dataset, ratio, "supervised")]
-        rows.append({"source": f"ours ({dataset} {ratio}, profile {a['profile']}, {a['runs']} run(s))",
-                     "supervised": f"{sup['miou_mean']:.2f}", "full": f"{a['miou_mean']:.2f}",
-                     "gain": f"{a['miou_mean'] - sup['miou_mean']:+.2f}"})
+        rows.append(
+            {
+                "source": f"ours ({dataset} {ratio}, profile {a['profile']}, "
+                f"{a['runs']} run(s))",
+                "supervised": f"{sup['miou_mean']:.2f}",
+                "full": f"{a['miou_mean']:.2f}",
+                "gain": f"{a['miou_mean'] - sup['miou_mean']:+.2f}",
+            }
+        )
 display(Markdown(markdown_table(rows, ["source", "supervised", "full", "gain"])))
 
 # %% [markdown]
@@ -115,10 +165,25 @@ display(Markdown(markdown_table(rows, ["source", "supervised", "full", "gain"]))
 
 # %%
 table4 = [r for r in results.paper_table(4) if r["method"] == "Ours"]
-rows = [{"source": f"paper, Table 4, Cityscapes {r['labels']}", "setting": r["setting"], "mIoU": r["miou"]} for r in table4]
-rows += [{"source": f"ours ({a['dataset']} {a['ratio']} dusk target, profile {a['profile']}, {a['runs']} run(s))",
-          "setting": {"da_full": "adaptation", "da_target_only": "no adaptation"}[a["variant"]], "mIoU": f"{a['miou_mean']:.2f}"}
-         for a in results.aggregate(earlier) if a["variant"] in ("da_full", "da_target_only")]
+rows = [
+    {
+        "source": f"paper, Table 4, Cityscapes {r['labels']}",
+        "setting": r["setting"],
+        "mIoU": r["miou"],
+    }
+    for r in table4
+]
+da_setting = {"da_full": "adaptation", "da_target_only": "no adaptation"}
+rows += [
+    {
+        "source": f"ours ({a['dataset']} {a['ratio']} dusk target, "
+        f"profile {a['profile']}, {a['runs']} run(s))",
+        "setting": da_setting[a["variant"]],
+        "mIoU": f"{a['miou_mean']:.2f}",
+    }
+    for a in results.aggregate(earlier)
+    if a["variant"] in ("da_full", "da_target_only")
+]
 display(Markdown(markdown_table(rows, ["source", "setting", "mIoU"])))
 
 # %% [markdown]
@@ -129,8 +194,23 @@ display(Markdown(markdown_table(rows, ["source", "setting", "mIoU"])))
 # %%
 for number in (2, 3, 4, 6, 7, 8):
     rows = results.paper_table(number)
-    display(Markdown(f"**Table {number}** (§{rows[0]['section']})\n\n" + markdown_table(
-        rows, ["dataset", "architecture", "pretraining", "labels", "method", "setting", "miou"])))
+    display(
+        Markdown(
+            f"**Table {number}** (§{rows[0]['section']})\n\n"
+            + markdown_table(
+                rows,
+                [
+                    "dataset",
+                    "architecture",
+                    "pretraining",
+                    "labels",
+                    "method",
+                    "setting",
+                    "miou",
+                ],
+            )
+        )
+    )
 
 # %% [markdown]
 # ## Qualitative predictions
@@ -146,12 +226,18 @@ from semiseg.viz import label_image
 data = embeddings.load(results.embeddings_path(run_dir or None, smoke=smoke))
 palette = data["palette"]
 shown_images = min(num_images, len(data["val_images"]))
-fig, axes = plt.subplots(shown_images, 3, figsize=(10, 2.6 * shown_images), squeeze=False)
+fig, axes = plt.subplots(
+    shown_images, 3, figsize=(10, 2.6 * shown_images), squeeze=False
+)
 for row in range(shown_images):
-    image, label, pred = (data[k][row] for k in ("val_images", "val_labels", "val_preds"))
+    image, label, pred = (
+        data[k][row] for k in ("val_images", "val_labels", "val_preds")
+    )
     panels = (image, label_image(label, palette), label_image(pred, palette))
     variant = data["meta"]["config"]["variant"]
-    for ax, shown, title in zip(axes[row], panels, ("image", "ground truth", f"prediction ({variant})")):
+    for ax, shown, title in zip(
+        axes[row], panels, ("image", "ground truth", f"prediction ({variant})")
+    ):
         ax.imshow(shown)
         ax.set_title(title)
         ax.axis("off")

@@ -42,8 +42,11 @@ torch.manual_seed(seed)
 path = results.embeddings_path(run_dir or None, smoke=smoke)
 data = embeddings.load(path)
 class_names, palette = data["class_names"], data["palette"] / 255
-print(f"{path}: iteration {data['meta']['iteration']}, "
-      f"profile {data['meta']['config']['profile']}, seed {data['meta']['config']['seed']}")
+print(
+    f"{path}: iteration {data['meta']['iteration']}, "
+    f"profile {data['meta']['config']['profile']}, "
+    f"seed {data['meta']['config']['seed']}"
+)
 
 # %% [markdown]
 # ## The memory bank
@@ -67,8 +70,11 @@ print({name: int(n) for name, n in zip(class_names, count)})
 unl_vectors = torch.from_numpy(data["proj_vectors"]).float()
 unl_labels = torch.from_numpy(data["pred_true"]).long()
 pseudo = torch.from_numpy(data["pred_pseudo"]).long()
-print(f"{len(unl_vectors)} unlabeled vectors; their pseudo-labels (eq. 5) agree with the truth "
-      f"for {float((pseudo == unl_labels).float().mean()):.1%}")
+print(
+    f"{len(unl_vectors)} unlabeled vectors; "
+    "their pseudo-labels (eq. 5) agree with the truth "
+    f"for {float((pseudo == unl_labels).float().mean()):.1%}"
+)
 
 
 def subsample(vectors, labels, per_class, generator):
@@ -111,7 +117,11 @@ plt.show()
 # that stands out means unlabeled features sit with the bank vectors of their own class.
 
 # %%
-classes = [c for c in range(len(class_names)) if (bank_labels == c).any() and (unl_labels == c).any()]
+classes = [
+    c
+    for c in range(len(class_names))
+    if (bank_labels == c).any() and (unl_labels == c).any()
+]
 
 
 def mean_direction(vectors, labels, c):
@@ -119,20 +129,39 @@ def mean_direction(vectors, labels, c):
 
 
 if not classes:
-    print("the memory bank holds no vectors yet (a run too short for the FQF to accept any): nothing to compare")
-sim = np.array([[float(mean_direction(unl_vectors, unl_labels, a) @ mean_direction(bank_vectors, bank_labels, b))
-                 for b in classes] for a in classes]).reshape(len(classes), len(classes))
+    print(
+        "the memory bank holds no vectors yet "
+        "(a run too short for the FQF to accept any): nothing to compare"
+    )
+sim = np.array(
+    [
+        [
+            float(
+                mean_direction(unl_vectors, unl_labels, a)
+                @ mean_direction(bank_vectors, bank_labels, b)
+            )
+            for b in classes
+        ]
+        for a in classes
+    ]
+).reshape(len(classes), len(classes))
 if classes:
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
     im = ax.imshow(sim, cmap="viridis", vmin=-1, vmax=1)
-    ax.set_xticks(range(len(classes)), [class_names[c] for c in classes], rotation=60, fontsize=7)
+    ax.set_xticks(
+        range(len(classes)), [class_names[c] for c in classes], rotation=60, fontsize=7
+    )
     ax.set_yticks(range(len(classes)), [class_names[c] for c in classes], fontsize=7)
     ax.set(xlabel="bank class", ylabel="unlabeled class")
     fig.colorbar(im)
     fig.tight_layout()
     plt.show()
 diag = float(np.mean(np.diag(sim))) if classes else float("nan")
-off = float(sim[~np.eye(len(classes), dtype=bool)].mean()) if len(classes) > 1 else float("nan")
+off = (
+    float(sim[~np.eye(len(classes), dtype=bool)].mean())
+    if len(classes) > 1
+    else float("nan")
+)
 print(f"mean same-class similarity {diag:.3f}, mean other-class similarity {off:.3f}")
 
 # %% [markdown]
@@ -145,7 +174,8 @@ assert int(count.sum()) == len(bank_vectors) and (count <= psi).all()
 # every class with bank entries appears in the bank's embedding
 assert set(bank_l.unique().tolist()) == set(torch.nonzero(count).flatten().tolist())
 if not smoke and len(classes) > 1:
-    # a trained model's unlabeled features point to their own class's bank vectors more than to others
+    # a trained model's unlabeled features point to their own class's bank vectors more
+    # than to others
     assert diag > off, (diag, off)
 
 # %% [markdown]

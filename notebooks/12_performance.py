@@ -42,7 +42,12 @@ from semiseg.syncs import HostSyncs
 from semiseg.train import Trainer
 from semiseg.viz import show_source
 
-root = Path(bench_dir) if Path(bench_dir).is_absolute() else results.BOOK.parent / bench_dir  # any working dir
+# any working dir
+root = (
+    Path(bench_dir)
+    if Path(bench_dir).is_absolute()
+    else results.BOOK.parent / bench_dir
+)
 files = sorted(root.glob("*.json"))
 reports = {f.stem: json.loads(f.read_text()) for f in files}
 print("bench results found:", [f.name for f in files])
@@ -50,7 +55,9 @@ print("bench results found:", [f.name for f in files])
 
 def md_table(rows, columns):
     head = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
-    return head + "".join("| " + " | ".join(str(r.get(c, "")) for c in columns) + " |\n" for r in rows)
+    return head + "".join(
+        "| " + " | ".join(str(r.get(c, "")) for c in columns) + " |\n" for r in rows
+    )
 
 
 def where(report):
@@ -67,7 +74,9 @@ def where(report):
 # %%
 def short(part):
     """'share, paper shape, fp32' from a part's name, setting and precision."""
-    setting = part.get("setting", "").split(":")[0].replace("camvid_quick", "CamVid profile")
+    setting = (
+        part.get("setting", "").split(":")[0].replace("camvid_quick", "CamVid profile")
+    )
     return ", ".join(x for x in (part["part"], setting, part.get("precision", "")) if x)
 
 
@@ -75,10 +84,21 @@ rows = []
 for name, report in reports.items():
     for part in report["parts"]:
         for key, value in part.get("ratios", {}).items():
-            rows.append({"file": f"{name}.json", "measurement": short(part), "ratio": key, "value": f"{value:.3f}",
-                         "target": report["targets"].get(key, "(reported)"),
-                         "verdict": bench.verdict(key, value).split(": ")[-1] or "—"})
-display(Markdown(md_table(rows, ["file", "measurement", "ratio", "value", "target", "verdict"])))
+            rows.append(
+                {
+                    "file": f"{name}.json",
+                    "measurement": short(part),
+                    "ratio": key,
+                    "value": f"{value:.3f}",
+                    "target": report["targets"].get(key, "(reported)"),
+                    "verdict": bench.verdict(key, value).split(": ")[-1] or "—",
+                }
+            )
+display(
+    Markdown(
+        md_table(rows, ["file", "measurement", "ratio", "value", "target", "verdict"])
+    )
+)
 for name, report in reports.items():
     print(f"{name}.json: {where(report)}\n  command: {report['command']}")
 
@@ -103,22 +123,36 @@ for name, report in reports.items():
             continue
         f, s = part["flops"], part["seconds"]
         columns[f"{name}: {short(part).removeprefix('share, ')}"] = {
-            "step GFLOP": f"{f['step'] / 1e9:.1f}", "step s": f"{s['step']:.3f}",
+            "step GFLOP": f"{f['step'] / 1e9:.1f}",
+            "step s": f"{s['step']:.3f}",
             "module-off step s": f"{s['step_module_off']:.3f}",
-            "module GFLOP": f"{f['module'] / 1e9:.2f}", "module s": f"{s['module']:.4f}",
+            "module GFLOP": f"{f['module'] / 1e9:.2f}",
+            "module s": f"{s['module']:.4f}",
             "bank teacher fwd GFLOP": f"{f['bank_teacher_forward'] / 1e9:.1f}",
             "bank teacher fwd s": f"{s['bank_teacher_forward']:.3f}",
-            "module FLOP share": f"{part['flop_share']:.2%}", "module time share": f"{part['time_share']:.2%}"}
+            "module FLOP share": f"{part['flop_share']:.2%}",
+            "module time share": f"{part['time_share']:.2%}",
+        }
 quantities = next(iter(columns.values()), {})
-display(Markdown(md_table([{"": q, **{c: v[q] for c, v in columns.items()}} for q in quantities], ["", *columns])))
+display(
+    Markdown(
+        md_table(
+            [{"": q, **{c: v[q] for c, v in columns.items()}} for q in quantities],
+            ["", *columns],
+        )
+    )
+)
 
 # %%
 for name, report in reports.items():
     for part in report["parts"]:
         if part["part"] == "share" and "module_kernels" in part:
             k = part["module_kernels"]
-            print(f"{name} {part['precision']}: the module launches {k['launches']} kernels for "
-                  f"{k['cuda_seconds'] * 1e3:.2f} ms of GPU time (torch.profiler, one call)")
+            print(
+                f"{name} {part['precision']}: the module launches {k['launches']} "
+                f"kernels for {k['cuda_seconds'] * 1e3:.2f} ms of GPU time "
+                "(torch.profiler, one call)"
+            )
 
 # %% [markdown]
 # Where the time goes on a GPU: at batch 1 + 1 the module is over a thousand tiny kernels (above),
@@ -147,7 +181,10 @@ for name, report in reports.items():
             for site, n in part["by_site"].items():
                 print(f"  {n:3d}  {site}")
             if "cuda_sync_debug" in part:
-                print("  torch.cuda.set_sync_debug_mode, by line:", part["cuda_sync_debug"])
+                print(
+                    "  torch.cuda.set_sync_debug_mode, by line:",
+                    part["cuda_sync_debug"],
+                )
 
 # %% [markdown]
 # The syncs in `semiseg/data` are the CPU-side random draws of augmentation (Table 1) and
@@ -158,12 +195,16 @@ for name, report in reports.items():
 show_source(HostSyncs)
 
 # %%
-name, trainer, batch = bench.paper_setting("cpu", size=64, arch="effnet_lite0_dlv3p", num_classes=4)
+name, trainer, batch = bench.paper_setting(
+    "cpu", size=64, arch="effnet_lite0_dlv3p", num_classes=4
+)
 bench.fill_bank(trainer, torch.Generator().manual_seed(0))
 trainer.step(*batch(0))
 with HostSyncs() as syncs:
     trainer.step(*batch(1))
-method_syncs = syncs.by_site(exclude=("semiseg/data/augment.py", "semiseg/data/sampling.py"))
+method_syncs = syncs.by_site(
+    exclude=("semiseg/data/augment.py", "semiseg/data/sampling.py")
+)
 print(method_syncs)
 assert method_syncs == {"semiseg/train.py:host_counts": 1, "semiseg/train.py:step": 1}
 
@@ -181,18 +222,43 @@ assert method_syncs == {"semiseg/train.py:host_counts": 1, "semiseg/train.py:ste
 show_source(losses._WeightedUnitSum)
 
 # %%
-loss_parts = [(name, p) for name, r in reports.items() for p in r["parts"] if p["part"] == "loss"]
+loss_parts = [
+    (name, p) for name, r in reports.items() for p in r["parts"] if p["part"] == "loss"
+]
 if loss_parts:
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.2))
     labels = [f"{n} {p['precision']}" for n, p in loss_parts]
-    for ax, key, unit, scale in ((axes[0], "seconds", "ms (fwd + bwd)", 1e3),
-                                 (axes[1], "peak_without_input_grad_bytes", "peak MiB (without the input gradient)", 2 ** -20)):
+    for ax, key, unit, scale in (
+        (axes[0], "seconds", "ms (fwd + bwd)", 1e3),
+        (
+            axes[1],
+            "peak_without_input_grad_bytes",
+            "peak MiB (without the input gradient)",
+            2 ** -20,
+        ),
+    ):
         xs = range(len(loss_parts))
-        ax.bar([x - 0.2 for x in xs], [p["vectorised"][key] * scale for _, p in loss_parts], 0.4, label="vectorised")
-        ax.bar([x + 0.2 for x in xs], [p["loop"][key] * scale for _, p in loss_parts], 0.4, label="per-class loop")
+        ax.bar(
+            [x - 0.2 for x in xs],
+            [p["vectorised"][key] * scale for _, p in loss_parts],
+            0.4,
+            label="vectorised",
+        )
+        ax.bar(
+            [x + 0.2 for x in xs],
+            [p["loop"][key] * scale for _, p in loss_parts],
+            0.4,
+            label="per-class loop",
+        )
         if key.startswith("peak"):
             for x, (_, p) in zip(xs, loss_parts):
-                ax.hlines(p["n_x_psi_matrix_bytes"] * scale, x - 0.4, x + 0.4, colors="k", linestyles="dashed")
+                ax.hlines(
+                    p["n_x_psi_matrix_bytes"] * scale,
+                    x - 0.4,
+                    x + 0.4,
+                    colors="k",
+                    linestyles="dashed",
+                )
         ax.set_xticks(list(xs), labels, fontsize=8)
         ax.set_yscale("log")
         ax.set_ylabel(unit)
@@ -201,7 +267,10 @@ if loss_parts:
     plt.tight_layout()
     plt.show()
     first = loss_parts[0][1]
-    print(f"shapes: N = {first['N']} vectors, C = {first['C']}, psi = {first['psi']}, D = {first['D']}")
+    print(
+        f"shapes: N = {first['N']} vectors, C = {first['C']}, "
+        f"psi = {first['psi']}, D = {first['D']}"
+    )
 
 # %% [markdown]
 # ## 4. bf16 autocast + channels_last on the CPU profile
@@ -215,10 +284,17 @@ if loss_parts:
 for name, report in reports.items():
     for part in report["parts"]:
         if part["part"] == "precision":
-            display(Markdown(md_table(
-                [{"precision": k, "step s": f"{part[k]['step_seconds']:.3f}",
-                  "model fwd+bwd s": f"{part[k]['model_fwd_bwd_seconds']:.3f}", "batch": part[k]["batch"]}
-                 for k in ("fp32", "bf16_channels_last")], ["precision", "step s", "model fwd+bwd s", "batch"])))
+            precision_rows = [
+                {
+                    "precision": k,
+                    "step s": f"{part[k]['step_seconds']:.3f}",
+                    "model fwd+bwd s": f"{part[k]['model_fwd_bwd_seconds']:.3f}",
+                    "batch": part[k]["batch"],
+                }
+                for k in ("fp32", "bf16_channels_last")
+            ]
+            header = ["precision", "step s", "model fwd+bwd s", "batch"]
+            display(Markdown(md_table(precision_rows, header)))
             print(f"{name}: {part['setting']}")
 
 # %% [markdown]
@@ -233,7 +309,11 @@ for name, report in reports.items():
 
 # %%
 variants = ("supervised", "supervised_bf16", "full", "full_bf16")
-runs = [r for r in results.collect(results.EARLIER) if r["variant"] in variants and r["dataset"] == "camvid" and r["ratio"] == "1/8"]
+runs = [
+    r
+    for r in results.collect(results.EARLIER)
+    if r["variant"] in variants and r["dataset"] == "camvid" and r["ratio"] == "1/8"
+]
 
 
 def precision(run):
@@ -244,19 +324,47 @@ def precision(run):
     return config.get("precision", "fp32")
 
 
-display(Markdown(md_table(
-    [{**r, "miou": f"{r['miou']:.2f}", "minutes": f"{r['seconds'] / 60:.1f}", "precision": precision(r),
-      "commit": r.get("commit", "")} for r in sorted(runs, key=lambda r: (r["variant"], r["seed"]))],
-    ["variant", "seed", "precision", "miou", "iterations", "minutes", "machine", "commit"])))
+display(
+    Markdown(
+        md_table(
+            [
+                {
+                    **r,
+                    "miou": f"{r['miou']:.2f}",
+                    "minutes": f"{r['seconds'] / 60:.1f}",
+                    "precision": precision(r),
+                    "commit": r.get("commit", ""),
+                }
+                for r in sorted(runs, key=lambda r: (r["variant"], r["seed"]))
+            ],
+            [
+                "variant",
+                "seed",
+                "precision",
+                "miou",
+                "iterations",
+                "minutes",
+                "machine",
+                "commit",
+            ],
+        )
+    )
+)
 by = {(r["variant"], r["seed"]): r["miou"] for r in runs}
 for variant in ("supervised", "full"):
     for seed in sorted({s for v, s in by if v == variant}):
         if (f"{variant}_bf16", seed) in by:
-            print(f"{variant}, seed {seed}: bf16 - fp32 = {by[(f'{variant}_bf16', seed)] - by[(variant, seed)]:+.2f} mIoU")
+            print(
+                f"{variant}, seed {seed}: bf16 - fp32 = "
+                f"{by[(f'{variant}_bf16', seed)] - by[(variant, seed)]:+.2f} mIoU"
+            )
     seeds = sorted(s for v, s in by if v == variant)
     if len(seeds) > 1:
         values = [by[(variant, s)] for s in seeds]
-        print(f"{variant}, fp32, seeds {seeds}: spread {max(values) - min(values):.2f} mIoU")
+        print(
+            f"{variant}, fp32, seeds {seeds}: "
+            f"spread {max(values) - min(values):.2f} mIoU"
+        )
 
 # %% [markdown]
 # ## 5. Evaluation throughput
@@ -268,8 +376,11 @@ for variant in ("supervised", "full"):
 for name, report in reports.items():
     for part in report["parts"]:
         if part["part"] == "eval":
-            print(f"{name}: {part['images']} {part['data']} images at {part['eval_size']} with {part['arch']}: "
-                  f"{part['images_per_second']:.2f} images/s ({part['seconds']:.1f} s)")
+            print(
+                f"{name}: {part['images']} {part['data']} images at "
+                f"{part['eval_size']} with {part['arch']}: "
+                f"{part['images_per_second']:.2f} images/s ({part['seconds']:.1f} s)"
+            )
 
 # %% [markdown]
 # ## 6. Several GPUs: `torchrun`

@@ -33,3 +33,20 @@ def test_notebook_runs_in_smoke_mode(path, tmp_path):
     papermill.execute_notebook(str(source), str(tmp_path / f"{path.stem}.out.ipynb"), parameters={"smoke": True},
                                kernel_name="python3", cwd=str(ROOT), progress_bar=False,
                                stdout_file=sys.stdout, stderr_file=sys.stderr)
+
+
+def test_notebook_code_lines_fit_the_page():
+    """The book's code column shows about 90 characters: code lines stay within 88."""
+    import jupytext
+
+    limit = 88
+    too_long = []
+    for path in NOTEBOOKS:
+        for index, cell in enumerate(jupytext.read(path).cells):
+            if cell.cell_type != "code":
+                continue
+            for number, line in enumerate(cell.source.splitlines(), 1):
+                if len(line) > limit:
+                    too_long.append(f"{path.name}, cell {index}, line {number} "
+                                    f"({len(line)} > {limit}): {line}")
+    assert not too_long, f"{len(too_long)} code lines too long:\n" + "\n".join(too_long)
