@@ -114,6 +114,13 @@ SMALL_FILES = ("summary.json", "metrics.jsonl", "config.yaml", "status.json", "e
 def commit_run(out, name, tries=20):
     """Commit a finished run's small files to the git repository holding ``out`` (only those paths:
     whatever else is staged there stays staged). Retries while another git process holds the index."""
+    if not (out / "embeddings.npz").exists() and (out / "checkpoint.pt").exists():
+        from .embeddings import export  # runs trained by older code did not write it
+
+        try:
+            export(out)
+        except Exception as err:  # noqa: BLE001 -- the run is finished; commit what there is
+            print(f"{name}: embeddings.npz not written ({type(err).__name__}: {err})", flush=True)
     files = [str(out / f) for f in SMALL_FILES if (out / f).exists()]
     for _ in range(tries):
         add = subprocess.run(["git", "add", "-f", *files], cwd=out, capture_output=True, text=True)

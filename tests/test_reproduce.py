@@ -43,3 +43,27 @@ def test_camvid_grid_is_the_21_runs_of_issue_9(tmp_path):
         ("1/1", "supervised")}
     assert all(r["out_dir"].startswith(str(tmp_path)) and "threads=1" in r["overrides"] for r in runs)
     assert runs[-1]["out_dir"].endswith("camvid/1-1/split2/supervised/seed2")
+
+
+def test_commit_run_commits_only_the_runs_small_files(tmp_path):
+    import subprocess
+
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True, text=True).stdout
+
+    git("init", "-q")
+    git("config", "user.email", "t@example.com")
+    git("config", "user.name", "t")
+    (tmp_path / "other.txt").write_text("staged elsewhere\n")
+    git("add", "other.txt")
+    run = tmp_path / "camvid" / "1-16" / "split0" / "full" / "seed0"
+    run.mkdir(parents=True)
+    for name in ("summary.json", "metrics.jsonl", "config.yaml", "status.json"):
+        (run / name).write_text("{}\n")
+    (run / "checkpoint.pt").write_bytes(b"x")
+    (run / "train.ipynb").write_text("{}")
+    assert reproduce.commit_run(run, "[1/21] 1/16 full seed0 split0")
+    committed = git("show", "--name-only", "--format=", "HEAD").split()
+    assert sorted(committed) == sorted(f"camvid/1-16/split0/full/seed0/{n}" for n in
+                                       ("summary.json", "metrics.jsonl", "config.yaml", "status.json"))
+    assert "other.txt" in git("diff", "--cached", "--name-only")  # still staged, not committed
