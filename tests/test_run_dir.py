@@ -20,16 +20,9 @@ from semiseg import checkpoint, compare, predict, run_dir
 from semiseg.config import load_config
 from semiseg.train import main as train_main
 from semiseg.train import train
+from test_errors import cli_error
 
 SMOKE = ["iterations=4", "checkpoint_every=1", "deterministic=true", "fqf=false", "log_every=1"]
-
-
-def cli_error(main, argv):
-    with pytest.raises(SystemExit) as info:
-        main(argv)
-    message = str(info.value.code)
-    assert message.startswith("error: ") and "\n" not in message, message
-    return message
 
 
 def _cfg(out, *extra):
