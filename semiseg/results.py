@@ -61,13 +61,15 @@ def embeddings_path(run_dir=None, smoke=False):
     from .embeddings import export
     from .train import train
 
-    run_dir = Path(run_dir) if run_dir else HEADLINE_RUN
-    if not smoke:
-        if (run_dir / "embeddings.npz").exists():
-            return run_dir / "embeddings.npz"
-        if (run_dir / "checkpoint.pt").exists():
-            return export(run_dir)
-        print(f"{run_dir} holds neither embeddings.npz nor checkpoint.pt: using a smoke run instead")
+    if run_dir or not smoke:  # a run named by the caller is shown in smoke mode too
+        chosen = Path(run_dir) if run_dir else HEADLINE_RUN
+        if (chosen / "embeddings.npz").exists():
+            return chosen / "embeddings.npz"
+        if (chosen / "checkpoint.pt").exists():
+            return export(chosen)
+        if run_dir:
+            raise FileNotFoundError(f"run_dir {chosen} holds neither embeddings.npz nor checkpoint.pt")
+        print(f"{chosen} holds neither embeddings.npz nor checkpoint.pt: using a smoke run instead")
     # FQF off: a few smoke iterations never reach phi, and the bank would stay empty
     cfg = load_config("smoke", {"fqf": False, "out_dir": str(BOOK.parent / "runs" / "book" / "smoke_full")})
     path = cfg.run_dir() / "embeddings.npz"
