@@ -19,8 +19,11 @@ if __name__ == "__main__":
             if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
                 module.eval()
     initial = {k: v.clone() for k, v in trainer.student.state_dict().items()}
-    terms = [trainer.step(*batches(it)) for it in range(cfg.iterations)]
+    terms = [trainer.step(*batches(0))]
+    first_counts = trainer.class_counts.clone()  # the teacher is still the initial network here
+    terms += [trainer.step(*batches(it)) for it in range(1, cfg.iterations)]
     torch.save({"memory": trainer.bank.memory, "count": trainer.bank.count, "student": trainer.student.state_dict(), "initial": initial,
                 "teacher": trainer.teacher.state_dict(), "class_counts": trainer.class_counts, "terms": terms,
+                "first_counts": first_counts,
                 "world": info.world}, f"{out}/rank{info.rank}.pt")
     distributed.destroy(info)
