@@ -42,11 +42,36 @@ def test_fifo_drops_oldest_and_newest_are_first():
 
 
 def test_quota_is_per_image_and_class():
-    bank = ClassMemoryBank(2, 10, 1)
-    labels = torch.tensor([0, 0, 0, 1, 1, 0, 0, 0])
-    image_ids = torch.tensor([0, 0, 0, 0, 0, 1, 1, 1])
-    bank.push(torch.arange(8.0)[:, None], labels, torch.rand(8), image_ids, quota=2)
-    assert bank.count.tolist() == [4, 2]
+    """§4.2: the quota holds per (image, class), not per batch (the official code's bug), and the kept
+    vectors are each image's highest-scored ones, not the batch's."""
+    C, quota = 3, 2
+    bank = ClassMemoryBank(C, 16, 1)
+    # class 0: five vectors in each of images 7 and 9, interleaved; every score of image 9 is below
+    # every score of image 7, so the batch's top 2 (or top 4) of class 0 all come from image 7
+    scores0 = {7: [0.90, 0.70, 0.80, 0.60, 0.65], 9: [0.30, 0.50, 0.10, 0.40, 0.20]}
+    feats, labels, scores, image_ids = [], [], [], []
+    for k in range(5):
+        for image in (7, 9):
+            feats.append(100 * image + 10 * k)  # the vector's value names its image and place
+            labels.append(0)
+            scores.append(scores0[image][k])
+            image_ids.append(image)
+    # class 1: three vectors of image 9 only; class 2: one vector of image 7 (fewer than the quota)
+    for value, label, score, image in [(901, 1, 0.2, 9), (902, 1, 0.9, 9), (903, 1, 0.5, 9), (701, 2, 0.3, 7)]:
+        feats.append(value), labels.append(label), scores.append(score), image_ids.append(image)
+    bank.push(torch.tensor(feats, dtype=torch.float32)[:, None], torch.tensor(labels), torch.tensor(scores),
+              torch.tensor(image_ids), quota=quota)
+    # per (image, class): 2 of class 0 from each image, 2 of class 1, the single one of class 2
+    assert bank.count.tolist() == [4, 2, 1]
+    # which ones: image 7's two best (0.9, 0.8) and image 9's two best (0.5, 0.4) -- not the batch's
+    # top four (0.9, 0.8, 0.7, 0.65, all of image 7) -- newest ordered by score, highest first
+    assert bank.get(0).flatten().tolist() == [700.0, 720.0, 910.0, 930.0]
+    assert bank.get(1).flatten().tolist() == [902.0, 903.0]
+    assert bank.get(2).flatten().tolist() == [701.0]
+    # a second batch: again quota per image, in front of the older entries
+    bank.push(torch.tensor([[1.0], [2.0], [3.0], [4.0], [5.0]]), torch.tensor([0, 0, 0, 0, 0]),
+              torch.tensor([0.1, 0.9, 0.6, 0.8, 0.2]), torch.tensor([1, 1, 1, 2, 2]), quota=quota)
+    assert bank.get(0).flatten().tolist() == [2.0, 4.0, 3.0, 5.0, 700.0, 720.0, 910.0, 930.0]
 
 
 def test_valid_mask_and_empty_input():

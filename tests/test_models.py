@@ -66,6 +66,34 @@ def models():
             for a in ARCH_NAMES}
 
 
+def _manual_forward(m, arch, x):
+    """(logits, feats) by hand from the submodules, with the backbone's normalisation written out."""
+    mean, std = ((EFFNET_LITE_MEAN, EFFNET_LITE_STD) if arch == "effnet_lite0_dlv3p"
+                 else ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))
+    x = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    b = m.backbone
+    if arch == "effnet_lite0_dlv3p":
+        f = b.forward_features(x)
+        feats = m.decoder(f["out"], f["s8"], f["s8"].shape[-2:])
+    else:
+        low = b.layer1(b.maxpool(b.relu(b.bn1(b.conv1(x)))))
+        high = b.layer4(b.layer3(b.layer2(low)))
+        feats = high if arch == "deeplabv2_r101" else m.decoder(high, low, high.shape[-2:])
+    return _manual_classify(m, arch, feats), feats
+
+
+def _manual_classify(m, arch, feats):
+    """The classification layer alone: DeepLabv2's sum of four dilated 3x3 convs, else a 1x1 conv."""
+    if arch == "deeplabv2_r101":
+        return sum(F.conv2d(feats, c.weight, c.bias, padding=d, dilation=d)
+                   for c, d in zip(m.classifier.convs, (6, 12, 18, 24)))
+    return F.conv2d(feats, m.classifier.weight, m.classifier.bias)
+
+
+def _close(a, b, tol=1e-5):
+    return a.shape == b.shape and torch.allclose(a, b, rtol=tol, atol=tol * float(b.abs().max()))
+
+
 @pytest.mark.parametrize("arch", ARCH_NAMES)
 @pytest.mark.parametrize("hw", [(64, 64), (57, 70)])
 def test_shapes_and_classify(models, arch, hw):
@@ -74,12 +102,17 @@ def test_shapes_and_classify(models, arch, hw):
     x = torch.rand(2, 3, H, W)
     with torch.no_grad():
         logits, feats = m(x)
-        again = m.classify(feats)
+        manual_logits, manual_feats = _manual_forward(m, arch, x)
+        classified = m.classify(feats)
+        by_hand = _manual_classify(m, arch, feats)
     h, w = math.ceil(H / 8), math.ceil(W / 8)
     assert logits.shape == (2, 5, h, w)
     assert feats.shape == (2, m.feat_dim, h, w)
     assert m.output_stride == 8 and m.num_classes == 5
-    assert torch.allclose(again, logits, atol=1e-5)
+    # classify is the classification layer and nothing else, forward is normalise -> f^- -> classify
+    assert _close(classified, by_hand), "classify(feats) is not the classification layer"
+    assert _close(feats, manual_feats), "feats differ from normalise -> backbone -> decoder by hand"
+    assert _close(logits, manual_logits), "logits differ from the manual forward"
     # heads and attention operate on the features
     v = feats.permute(0, 2, 3, 1).reshape(-1, m.feat_dim)
     z = m.projection(v)
@@ -134,11 +167,39 @@ def test_param_groups(models):
 
 
 def test_ema_deepcopy_carries_heads(models):
-    m = models["effnet_lite0_dlv3p"]
-    t = copy.deepcopy(m)
-    names = {n for n, _ in t.named_parameters()}
-    assert any(n.startswith("attention_proj.") for n in names)
-    assert any(n.startswith("projection.") for n in names)
+    """semiseg.teacher.make_teacher: every parameter and buffer of the student, heads and attention
+    included, with equal values, in storage of its own, frozen and in eval mode."""
+    from semiseg import teacher as teacher_mod
+
+    m = models["effnet_lite0_dlv3p"].train()
+    t = teacher_mod.make_teacher(m)
+    params, t_params = dict(m.named_parameters()), dict(t.named_parameters())
+    buffers, t_buffers = dict(m.named_buffers()), dict(t.named_buffers())
+    assert list(t_params) == list(params) and list(t_buffers) == list(buffers)
+    for head in ("projection.", "prediction.", "attention_pred.", "attention_proj.", "classifier.", "decoder.",
+                 "backbone."):
+        assert any(n.startswith(head) for n in t_params), head
+    for c in range(5):  # the 2 x C class-wise attention modules, BatchNorm statistics included
+        for att in ("attention_pred", "attention_proj"):
+            assert f"{att}.modules_per_class.{c}.fc2.weight" in t_params
+            assert f"{att}.modules_per_class.{c}.bn.running_var" in t_buffers
+    for name, p in params.items():
+        q = t_params[name]
+        assert torch.equal(q, p), f"{name}: teacher value differs from the student's"
+        assert q.data_ptr() != p.data_ptr(), f"{name}: teacher shares the student's storage"
+        assert not q.requires_grad, f"{name}: teacher parameter not frozen"
+        assert p.requires_grad, f"{name}: student parameter frozen"
+    for name, b in buffers.items():
+        assert torch.equal(t_buffers[name], b), f"{name}: teacher buffer differs from the student's"
+        assert t_buffers[name].data_ptr() != b.data_ptr(), f"{name}: teacher shares the student's buffer"
+    assert not t.training and m.training
+    # separate storage: changing the teacher leaves the student alone
+    with torch.no_grad():
+        t.attention_proj[2].fc1.weight.add_(1.0)
+        t.backbone._bn0.running_mean.add_(1.0)
+    assert not torch.equal(t.attention_proj[2].fc1.weight, m.attention_proj[2].fc1.weight)
+    assert not torch.equal(t.backbone._bn0.running_mean, m.backbone._bn0.running_mean)
+    m.eval()
 
 
 def test_effnet_seg_train_step_backward():
@@ -197,30 +258,75 @@ def _loop_reference(att, vecs, labels):
     return torch.cat(out)
 
 
+def _manual_attention(att, vecs, labels, batch_stats):
+    """S_c by hand: Linear -> BatchNorm1d -> LeakyReLU(0.01) -> Linear(1) -> Sigmoid, with the weights of
+    module ``modules_per_class[c]`` for a vector of class c. ``batch_stats``: BatchNorm with the
+    (biased) statistics of the class's vectors (train mode), else with the running statistics; a
+    class with a single vector always uses the running statistics."""
+    out = torch.full((vecs.shape[0],), float("nan"))
+    for c in labels.unique().tolist():
+        mod = att.modules_per_class[c]
+        idx = (labels == c).nonzero().flatten()
+        h = vecs[idx] @ mod.fc1.weight.T + mod.fc1.bias
+        if batch_stats and len(idx) > 1:
+            mean, var = h.mean(0), h.var(0, unbiased=False)
+        else:
+            mean, var = mod.bn.running_mean, mod.bn.running_var
+        h = (h - mean) / torch.sqrt(var + mod.bn.eps) * mod.bn.weight + mod.bn.bias
+        h = torch.where(h > 0, h, 0.01 * h)
+        out[idx] = 1 / (1 + torch.exp(-(h @ mod.fc2.weight.T + mod.fc2.bias)[:, 0]))
+    return out
+
+
+def _randomise(att):
+    """Non-trivial weights and running statistics, so every part of S_c shows in its output."""
+    with torch.no_grad():
+        for mod in att.modules_per_class:
+            mod.bn.running_mean.uniform_(-1, 1)
+            mod.bn.running_var.uniform_(0.5, 2)
+            mod.bn.weight.uniform_(0.5, 2)
+            mod.bn.bias.uniform_(-1, 1)
+            mod.fc2.weight.mul_(5)
+    return att
+
+
 def test_class_attention_matches_per_vector_loop_eval():
     torch.manual_seed(0)
-    att = ClassAttention(4, dim=16, hidden=8)
-    for mod in att.modules_per_class:  # non-trivial running stats
-        mod.bn.running_mean.uniform_(-1, 1)
-        mod.bn.running_var.uniform_(0.5, 2)
-    att.eval()
+    att = _randomise(ClassAttention(4, dim=16, hidden=8)).eval()
     vecs = torch.randn(30, 16)
     labels = torch.tensor([3, 0, 0, 2, 3, 3] * 5)
     with torch.no_grad():
         out = att(vecs, labels)
         ref = _loop_reference(att, vecs, labels)
+        manual = _manual_attention(att, vecs, labels, batch_stats=False)
     assert torch.allclose(out, ref, atol=1e-6)
-    assert ((out >= 0) & (out <= 1)).all()
+    assert torch.allclose(out, manual, atol=1e-6), "S_c differs from Linear-BN-LeakyReLU-Linear-Sigmoid by hand"
+    assert out.std() > 0.05  # the scores spread: the comparison above is not between constants
+    with torch.no_grad():
+        # the same vectors through each class's module: four different S_c
+        per_class = torch.stack([att(vecs, torch.full((30,), c)) for c in range(4)])
+        for c in range(4):
+            assert torch.allclose(per_class[c], _manual_attention(att, vecs, torch.full((30,), c), False), atol=1e-6)
+        for a in range(4):
+            for b in range(a + 1, 4):
+                assert (per_class[a] - per_class[b]).abs().max() > 1e-2, (a, b)
+        # a vector's score depends on its own class's module only
+        att.modules_per_class[0].fc1.weight.add_(0.5)
+        after = att(vecs, labels)
+    assert torch.equal(after[labels != 0], out[labels != 0])
+    assert (after[labels == 0] - out[labels == 0]).abs().min() > 0
 
 
 def test_class_attention_train_mode_per_class_batches():
     torch.manual_seed(0)
-    att = ClassAttention(3, dim=8, hidden=8).train()
+    att = _randomise(ClassAttention(3, dim=8, hidden=8)).train()
     vecs = torch.randn(12, 8)
     labels = torch.tensor([2, 0, 2, 2, 0, 1, 0, 2, 0, 0, 2, 2])  # class 1: single vector
+    manual = _manual_attention(att, vecs, labels, batch_stats=True)  # before the running stats move
     out = att(vecs, labels)
     assert out.shape == (12,)
-    assert ((out >= 0) & (out <= 1)).all()
+    # BatchNorm with each class's own batch statistics; the lone class-1 vector with the running ones
+    assert torch.allclose(out.detach(), manual, atol=1e-6), "train-mode S_c differs from the manual per-class computation"
     # reference: each class's module applied to that class's vectors as a batch
     ref = torch.empty(12)
     att2 = copy.deepcopy(att)  # fresh running stats would differ; compare outputs only
@@ -231,6 +337,12 @@ def test_class_attention_train_mode_per_class_batches():
             mod.eval()
         ref[idx] = mod(vecs[idx]).detach()
     assert torch.allclose(out.detach(), ref, atol=1e-6)
+    # the statistics are per class: other classes' vectors do not change a class's scores
+    moved = vecs.clone()
+    moved[labels == 2] = torch.randn(int((labels == 2).sum()), 8)
+    again = att(moved, labels).detach()
+    assert torch.allclose(again[labels != 2], out.detach()[labels != 2], atol=1e-6)
+    assert not torch.allclose(again[labels == 2], out.detach()[labels == 2], atol=1e-3)
     # gradients flow to the vectors and to the used modules only
     vecs.requires_grad_(True)
     att(vecs, labels).sum().backward()
@@ -243,9 +355,17 @@ def test_class_attention_train_mode_per_class_batches():
 
 
 def test_class_attention_single_vector_and_empty():
-    att = ClassAttention(5, dim=8).train()
-    s = att(torch.randn(1, 8), torch.tensor([4]))
-    assert s.shape == (1,) and 0 <= s.item() <= 1
+    torch.manual_seed(0)
+    att = _randomise(ClassAttention(5, dim=8)).train()
+    v = torch.randn(1, 8)
+    running = att[4].bn.running_mean.clone()
+    s = att(v, torch.tensor([4]))
+    # one vector in train mode: BatchNorm with the running statistics, which it leaves unchanged
+    assert s.shape == (1,)
+    assert torch.allclose(s.detach(), _manual_attention(att, v, torch.tensor([4]), batch_stats=True), atol=1e-6), \
+        "a lone vector's S_c differs from the manual computation with running statistics"
+    assert torch.equal(att[4].bn.running_mean, running)
+    assert not torch.allclose(s.detach(), att(v, torch.tensor([3])).detach(), atol=1e-3)  # module 3, not 4
     e = att(torch.randn(0, 8), torch.zeros(0, dtype=torch.long))
     assert e.shape == (0,)
     with pytest.raises(ValueError):

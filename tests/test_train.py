@@ -18,12 +18,33 @@ def run(tmp_path_factory):
 
 
 def test_run_dir_contents(run):
+    from semiseg.checkpoint import load_checkpoint_model
+    from semiseg.data.sets import build_eval_dataset
+
     cfg, summary = run
     out = cfg.run_dir()
-    for key in ("miou", "per_class_iou", "iterations", "seconds", "variant", "seed", "split", "profile"):
-        assert key in summary
+    types = {"miou": float, "per_class_iou": dict, "val_miou": float, "teacher_miou": float, "teacher_val_miou": float,
+             "scored_on": str, "scores": dict, "iterations": int, "seconds": float, "variant": str, "seed": int,
+             "split": int, "profile": str, "dataset": str, "evaluated": str}
+    for key, kind in types.items():
+        assert isinstance(summary[key], kind), (key, summary[key])
     assert json.loads((out / "summary.json").read_text()) == summary
-    assert 0.0 <= summary["miou"] <= 100.0 and summary["iterations"] == 6
+    assert summary["iterations"] == 6 and summary["evaluated"] == "student" and summary["scored_on"] == "val"
+    assert (summary["variant"], summary["seed"], summary["profile"], summary["dataset"]) == (cfg.variant, cfg.seed, "smoke", "tiny")
+    assert summary["seconds"] > 0
+    # the headline is the saved student's mIoU on the split it names, recomputed here from the checkpoint
+    ckpt_cfg, student, device = load_checkpoint_model(out / "checkpoint.pt")
+    dataset = build_eval_dataset(ckpt_cfg, summary["scored_on"])
+    result = evaluate.evaluate(student, dataset, ckpt_cfg.eval_size, device)
+    assert summary["miou"] == pytest.approx(result["miou"], abs=1e-3)
+    assert summary["per_class_iou"].keys() == result["per_class_iou"].keys() == set(dataset.class_names)
+    for name, iou in result["per_class_iou"].items():
+        assert (summary["per_class_iou"][name] is None) == (iou is None)
+        assert iou is None or summary["per_class_iou"][name] == pytest.approx(iou, abs=1e-3), name
+    present = [v for v in summary["per_class_iou"].values() if v is not None]
+    assert summary["miou"] == pytest.approx(sum(present) / len(present), abs=1e-3)  # mean over the classes seen
+    _, teacher, _ = load_checkpoint_model(out / "checkpoint.pt", teacher=True)
+    assert summary["teacher_miou"] == pytest.approx(evaluate.evaluate(teacher, dataset, ckpt_cfg.eval_size, device)["miou"], abs=1e-3)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["val_miou"] == summary["miou"]
     # warm-up (2 of 6 iterations) over, the contrastive term is computed against a filled bank
@@ -54,20 +75,94 @@ def test_evaluate_and_predict_cli(run, tmp_path, capsys):
     assert (tmp_path / "pred" / "a_overlay.png").exists()
 
 
-def test_teacher_tracks_student_and_bank_fills():
-    cfg = load_config("smoke", {"fqf": False, "warmup_frac": 0.0})
-    labeled, unlabeled, _ = build_train_data(cfg)
-    trainer = Trainer(cfg, labeled.num_classes, len(labeled), "cpu")
+def test_teacher_tracks_student_and_bank_fills(monkeypatch):
+    """Eq. (2) with tau of the iteration, the bank filled with the teacher's projections (§3.4) and
+    memory-side weights S_c,theta(z') that vary from vector to vector (eq. 8)."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from semiseg import losses
+    from semiseg.teacher import tau_schedule
+
+    # tau from 0.5 (not 0.995): a wrong tau moves the teacher by far more than rounding
+    cfg = load_config("smoke", {"fqf": False, "warmup_frac": 0.0, "tau_start": 0.5, "tau_end": 1.0})
+    labeled, _, _ = build_train_data(cfg)
+    C = labeled.num_classes
+    trainer = Trainer(cfg, C, len(labeled), "cpu")
     g = torch.Generator().manual_seed(0)
     images = torch.rand(2, 3, 64, 64, generator=g)
-    labels = torch.randint(0, labeled.num_classes, (2, 64, 64), generator=g)
+    labels = torch.randint(0, C, (2, 64, 64), generator=g)
     batch = (images, labels, torch.tensor([0, 1]))
-    before = [p.clone() for p in trainer.teacher.parameters()]
-    terms = trainer.step(batch, (images, labels, torch.tensor([2, 3])))
-    assert set(terms) >= {"sup", "pseudo", "ent", "contr", "loss"}
-    assert int(trainer.bank.count.sum()) > 0
-    changed = any(not torch.equal(a, b) for a, b in zip(before, trainer.teacher.parameters()))
-    assert changed and all(not p.requires_grad for p in trainer.teacher.parameters())
+    # a teacher away from the student, so that their vectors can be told apart
+    with torch.no_grad():
+        for p in trainer.teacher.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    bank_inputs, contrastive_args = [], []
+    update_bank, contrastive_loss = trainer.update_bank, losses.contrastive_loss
+
+    def projections(net, images, labels):
+        """g(f^-(x)) of every pixel vector of ``net`` in eval mode, and the labels at feature resolution."""
+        net = copy.deepcopy(net).eval()
+        feats = net(images)[1]
+        small = F.interpolate(labels[:, None].float(), size=feats.shape[-2:], mode="nearest").long().flatten()
+        return net.projection(feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1])), small
+
+    def spy_bank(x_la, y_la, *rest):
+        bank_inputs.append((x_la.clone(), y_la.clone()))
+        return update_bank(x_la, y_la, *rest)
+
+    def spy_loss(pred, labels, memory, pred_scores, memory_scores, num_classes, **kw):
+        contrastive_args.append((memory.clone(), memory_scores.detach().clone(), kw["memory_count"].clone()))
+        return contrastive_loss(pred, labels, memory, pred_scores, memory_scores, num_classes, **kw)
+
+    monkeypatch.setattr(trainer, "update_bank", spy_bank)
+    monkeypatch.setattr(losses, "contrastive_loss", spy_loss)
+    for it in range(2):
+        teacher_before = {n: t.clone() for n, t in [*trainer.teacher.named_parameters(), *trainer.teacher.named_buffers()]}
+        attention = copy.deepcopy(trainer.student.attention_proj)  # S_c,theta as the step sees it
+        terms = trainer.step(batch, (images, labels, torch.tensor([2, 3])))
+        assert set(terms) >= {"sup", "pseudo", "ent", "contr", "loss"}
+        # Eq. (2) for every parameter and floating-point buffer, tau of this iteration
+        tau = tau_schedule(it, cfg.iterations, cfg.tau_start, cfg.tau_end)
+        assert tau == pytest.approx([0.5, 0.6][it])
+        student = dict([*trainer.student.named_parameters(), *trainer.student.named_buffers()])
+        for name, xi in [*trainer.teacher.named_parameters(), *trainer.teacher.named_buffers()]:
+            if xi.is_floating_point():
+                want = tau * teacher_before[name] + (1 - tau) * student[name].detach()
+                assert torch.allclose(xi, want, rtol=1e-5, atol=1e-6), f"eq. (2) with tau={tau} fails at iteration {it} for {name}"
+            else:
+                assert torch.equal(xi, student[name]), name
+        assert all(not p.requires_grad for p in trainer.teacher.parameters())
+        if it == 0:
+            # the bank holds the teacher's projections g_xi(f_xi^-(x)) of the labeled weak views
+            count = trainer.bank.count.clone()
+            assert int(count.sum()) > 0
+            x_la, y_la = bank_inputs[0]
+            with torch.no_grad():
+                z_teacher, small = projections(trainer.teacher, x_la, y_la)
+                z_student, _ = projections(trainer.student, x_la, y_la)
+            for c in range(C):
+                if count[c]:
+                    to_teacher = torch.cdist(trainer.bank.get(c), z_teacher[small == c], compute_mode="donot_use_mm_for_euclid_dist").min(1).values
+                    to_student = torch.cdist(trainer.bank.get(c), z_student[small == c], compute_mode="donot_use_mm_for_euclid_dist").min(1).values
+                    scale = float(trainer.bank.get(c).norm(dim=1).mean())
+                    assert (to_teacher < 1e-4 * scale).all(), f"class {c}: bank vectors not among the teacher's projections {to_teacher}"
+                    assert (to_student > 1e-2 * scale).all(), (c, to_student)
+        else:
+            # the contrastive loss weighs each bank vector by S_c,theta(z'): they vary, 0 on empty slots
+            memory, memory_scores, memory_count = contrastive_args[-1]
+            assert torch.equal(memory_count, count)
+            valid = torch.arange(cfg.psi)[None] < memory_count[:, None]
+            assert (memory_scores[~valid] == 0).all()
+            scores = memory_scores[valid]
+            assert scores.numel() >= 2 and float(scores.max() - scores.min()) > 1e-3, f"constant memory weights {scores}"
+            with torch.no_grad():
+                for c in range(C):
+                    if memory_count[c]:
+                        want = attention.modules_per_class[c](memory[c, : int(memory_count[c])])
+                        assert torch.allclose(memory_scores[c, : int(memory_count[c])], want, atol=1e-6), \
+                            f"class {c}: memory weights are not the student's S_c(z')"
 
 
 def test_supervised_variant_has_no_unlabeled_terms(tmp_path):
@@ -120,23 +215,101 @@ def test_camvid_domain_adaptation_config_selects_sequences():
 
 
 def test_eq1_total_is_weighted_sum_and_eq5_pseudo_labels_are_teacher_argmax(monkeypatch):
-    cfg = load_config("smoke", {"fqf": False, "warmup_frac": 0.0, "lambda_ent": 0.5, "lambda_contr": 2.0})
+    """Eq. (5) pseudo-labels are the teacher's arg max while the student predicts otherwise; eq. (1)
+    checked on the update: the student's gradient is sum_k lambda_k grad L_k, each L_k identified by
+    recomputing it with semiseg.losses."""
+    import copy
+    import itertools
+
+    import torch.nn.functional as F
+
+    from semiseg import losses
+
+    lam = {"sup": 0.7, "pseudo": 1.3, "ent": 0.5, "contr": 2.0}  # all different: a swap shows
+    cfg = load_config("smoke", {"fqf": False, "warmup_frac": 0.0, **{f"lambda_{k}": v for k, v in lam.items()}})
     labeled, _, _ = build_train_data(cfg)
     trainer = Trainer(cfg, labeled.num_classes, len(labeled), "cpu")
     g = torch.Generator().manual_seed(1)
     images = torch.rand(2, 3, 64, 64, generator=g)
     labels = torch.randint(0, labeled.num_classes, (2, 64, 64), generator=g)
-    # Eq. (5): arg max of the teacher's class distribution on the un-augmented image
+    batches = ((images, labels, torch.tensor([0, 1])), (images, labels, torch.tensor([2, 3])))
+    trainer.step(*batches)  # the bank now holds vectors: L_contr > 0 below
+
+    # Eq. (5): arg max of the TEACHER's class distribution on the un-augmented image. First make the
+    # student predict other classes than the teacher, so that the two cannot be confused.
+    with torch.no_grad():
+        trainer.student.classifier.weight.add_(0.2 * torch.randn(trainer.student.classifier.weight.shape, generator=g))
+
+    def distribution(net):
+        with torch.no_grad():
+            logits, _ = copy.deepcopy(net).eval()(images)
+        return torch.softmax(F.interpolate(logits, size=(64, 64), mode="bilinear", align_corners=False), 1)
+
+    teacher_probs, student_probs = distribution(trainer.teacher), distribution(trainer.student)
+    assert (teacher_probs.argmax(1) != student_probs.argmax(1)).float().mean() > 0.2
     pseudo, conf = trainer.pseudo_labels(images)
-    logits, _ = trainer.teacher(images)
-    probs = torch.softmax(torch.nn.functional.interpolate(logits, size=(64, 64), mode="bilinear", align_corners=False), 1)
-    assert torch.equal(pseudo, probs.argmax(1)) and torch.allclose(conf, probs.max(1).values)
-    terms = trainer.step((images, labels, torch.tensor([0, 1])), (images, labels, torch.tensor([2, 3])))
-    trainer.step((images, labels, torch.tensor([0, 1])), (images, labels, torch.tensor([2, 3])))  # bank now filled
-    terms = trainer.step((images, labels, torch.tensor([0, 1])), (images, labels, torch.tensor([2, 3])))
-    # Eq. (1)
-    want = 1.0 * terms["sup"] + 1.0 * terms["pseudo"] + 0.5 * terms["ent"] + 2.0 * terms["contr"]
-    assert terms["loss"] == pytest.approx(want, rel=1e-5) and terms["contr"] > 0
+    assert torch.equal(pseudo, teacher_probs.argmax(1)), "pseudo-labels are not the teacher's arg max"
+    assert torch.allclose(conf, teacher_probs.max(1).values, atol=1e-6)
+
+    # Eq. (1), through the update it makes: capture the step's terms and, before its backward, the
+    # gradient of each term on its own; the student's gradient must be sum_k lambda_k * grad L_k
+    params = [p for p in trainer.student.parameters() if p.requires_grad]
+    seen = {}
+    objective = trainer.objective.forward
+
+    def spy_objective(*args):
+        terms, feats, counts = objective(*args)
+        seen["args"], seen["terms"] = args, {k: v.detach().clone() for k, v in terms.items()}
+        seen["grads"] = {k: torch.autograd.grad(v, params, retain_graph=True, allow_unused=True) for k, v in terms.items()}
+        return terms, feats, counts
+
+    contrastive_loss = losses.contrastive_loss
+
+    def spy_contrastive(*args, **kw):
+        seen["contr"] = contrastive_loss(*args, **kw)
+        return seen["contr"]
+
+    def keep_logits(module, inputs, output):  # the student's logits of the step (one forward)
+        assert "logits" not in seen
+        seen["logits"] = output.detach()
+
+    hook = trainer.student.classifier.register_forward_hook(keep_logits)
+    monkeypatch.setattr(trainer.objective, "forward", spy_objective)
+    monkeypatch.setattr(losses, "contrastive_loss", spy_contrastive)
+    terms = trainer.step(*batches)
+    hook.remove()
+    assert set(seen["terms"]) == set(lam) and terms["contr"] > 0
+
+    # which term is which, recomputed with semiseg.losses from the student's logits of this step
+    inputs, targets, conf_u, B_l, B_u = seen["args"][:5]
+    logits = F.interpolate(seen["logits"], size=inputs.shape[-2:], mode="bilinear", align_corners=False)
+    alpha, beta = trainer.alpha(), conf_u ** cfg.sharpen
+    views = range(cfg.num_views)
+    independent = {
+        "sup": losses.weighted_cross_entropy(logits[:B_l], targets[:B_l], class_weights=alpha),
+        "pseudo": sum(losses.weighted_cross_entropy(logits[B_l + a * B_u: B_l + (a + 1) * B_u], targets[B_l + a * B_u: B_l + (a + 1) * B_u],
+                                                    class_weights=alpha, pixel_weights=beta[a * B_u: (a + 1) * B_u]) for a in views) / cfg.num_views,
+        "ent": losses.entropy_loss(logits[B_l:]),
+        "contr": seen["contr"].detach(),
+    }
+    for k, value in independent.items():
+        assert float(seen["terms"][k]) == pytest.approx(float(value), rel=1e-5), f"term {k} is not L_{k}"
+        assert terms[k] == pytest.approx(float(value), rel=1e-5), k
+    assert terms["loss"] == pytest.approx(sum(lam[k] * float(independent[k]) for k in lam), rel=1e-5)
+
+    def flat(grads):
+        return torch.cat([(torch.zeros_like(p) if d is None else d).flatten() for d, p in zip(grads, params)])
+
+    grad = flat([p.grad for p in params])
+    per_term = {k: flat(v) for k, v in seen["grads"].items()}
+
+    def error(weights):
+        want = sum(weights[k] * per_term[k] for k in weights)
+        return float((grad - want).norm() / want.norm())
+
+    assert error(lam) < 1e-4, "the update is not sum_k lambda_k grad L_k"
+    for a, b in itertools.combinations(lam, 2):  # a lambda on the wrong term would show
+        assert error({**lam, a: lam[b], b: lam[a]}) > 1e-2, (a, b)
 
 
 def test_warmup_zeroes_pseudo_and_contr_only():
