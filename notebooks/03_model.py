@@ -263,7 +263,7 @@ def contrastive_grads(detach):
     attention = torch.cat(
         [p.grad.flatten() for p in trainer.student.attention_pred.parameters()]
     )
-    return float(loss), feats_c.grad.flatten(), attention
+    return loss.item(), feats_c.grad.flatten(), attention
 
 
 loss_d, grad_d, att_d = contrastive_grads(True)

@@ -250,7 +250,7 @@ for _ in range(n_steps):
     loss.backward()
     optimizer.step()
     trajectory.append(pred_var.detach().clone())
-    loss_curve.append(float(loss))
+    loss_curve.append(loss.item())
 trajectory = torch.stack(trajectory)  # [steps + 1, N, 2]
 
 fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
@@ -407,6 +407,7 @@ real_loop = reference.contrastive_loss_loop(
 )
 grad_vec = torch.autograd.grad(real_vec, p_s, retain_graph=True)[0]
 grad_loop = torch.autograd.grad(real_loop, p_s, retain_graph=True)[0]
+real_vec, real_loop = real_vec.detach(), real_loop.detach()  # values from here on
 print(f"{len(p_s)} student vectors, bank entries per class {bank.count.tolist()}")
 print(f"L_contr vectorised = {float(real_vec):.6f}, loop = {float(real_loop):.6f}, "
       f"max |grad difference| = {float((grad_vec - grad_loop).abs().max()):.2e}")

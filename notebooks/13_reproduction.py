@@ -184,7 +184,9 @@ if long:
     y = [d["difference"] for d in long]
     hue = [d["ratio"] for d in long]
     sns.barplot(x=x, y=y, hue=hue, errorbar=None, alpha=0.6, ax=ax)
-    sns.stripplot(x=x, y=y, hue=hue, dodge=True, color="k", size=3, legend=False, ax=ax)
+    sns.stripplot(
+        x=x, y=y, hue=hue, dodge=True, palette="dark:k", size=3, legend=False, ax=ax
+    )
     ax.axhline(0, color="k", lw=0.8)
     ax.set(ylabel="IoU difference (points)",
            title=f"full − supervised, {model}, {split}")
