@@ -41,6 +41,7 @@ from semiseg.models import (
     build_model,
 )
 from semiseg.models.efficientnet_lite import efficientnet_lite0_weights_path
+from semiseg.reference import ClassAttentionLoop
 from semiseg.viz import label_image, show_source
 
 torch.manual_seed(seed)
@@ -103,11 +104,16 @@ show_source(SegModel)
 show_source(EffNetLite0DeepLabV3Plus)
 
 # %% [markdown]
-# The heads $g$, $q$ and the class-wise attention $S_c$:
+# The heads $g$, $q$ and the class-wise attention $S_c$. The $C$ modules $S_c$ are stored
+# stacked (`weight1` is $[C, 256, 256]$, ...) and run as one batched computation whose number of
+# operators does not depend on $C$ (issue #13); each vector still goes through its own class's
+# weights only. The per-class loop it replaced, `semiseg.reference.ClassAttentionLoop` (one
+# module per class, `torch.split` by class), is the reference it is tested against.
 
 # %%
 show_source(MLPHead)
 show_source(ClassAttention.forward)
+show_source(ClassAttentionLoop.forward)
 
 # %% [markdown]
 # DeepLabv2's ASPP classifier (all four branches summed):
@@ -256,9 +262,7 @@ def contrastive_grads(detach):
         2, trainer.student.feat_dim, 8, 8, generator=g, requires_grad=True
     )
     labels_c = torch.randint(0, 4, (2, 64, 64), generator=g)
-    loss = trainer.contrastive(
-        feats_c, labels_c, trainer.host_counts(feats_c, labels_c, 2)
-    )
+    loss = trainer.contrastive(feats_c, labels_c)
     loss.backward()
     attention = torch.cat(
         [p.grad.flatten() for p in trainer.student.attention_pred.parameters()]
@@ -343,16 +347,17 @@ assert proj.shape == (h8 * w8, 256) and pred.shape == (h8 * w8, 256)
 assert model.projection.net[0].in_features == model.feat_dim
 assert len(model.attention_pred) == len(model.attention_proj) == C
 # 4. each vector goes only through its own class's module: in eval mode a score equals
-# S_c applied alone ...
+# S_c applied alone (the per-class reference modules, same weights) ...
+loop = ClassAttentionLoop.from_stacked(model.attention_proj)
 with torch.no_grad():
     for c in present:
-        alone = model.attention_proj[c](z[z_labels == c])
+        alone = loop[c](z[z_labels == c])
         assert torch.allclose(scores[z_labels == c], alone, atol=1e-6), c
 # ... changing the module of one class changes the scores of that class only ...
 changed = copy.deepcopy(model.attention_proj)
 c0 = present[0]
 with torch.no_grad():
-    changed[c0].fc2.bias += 1.0
+    changed.bias2[c0] += 1.0
     scores2 = changed(z, z_labels)
 assert not torch.allclose(scores2[z_labels == c0], scores[z_labels == c0])
 assert torch.equal(scores2[z_labels != c0], scores[z_labels != c0])
@@ -364,7 +369,7 @@ with torch.no_grad():
         if (z_labels == c).sum() > 1:
             assert torch.allclose(
                 train_scores[z_labels == c],
-                copy.deepcopy(model.attention_proj[c]).train()(z[z_labels == c]),
+                copy.deepcopy(loop[c]).train()(z[z_labels == c]),
                 atol=1e-5,
             )
 assert ((scores >= 0) & (scores <= 1)).all()

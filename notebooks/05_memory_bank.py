@@ -59,6 +59,7 @@ cfg = load_config(
         "psi": psi,
         "fqf": False,
         "warmup_frac": 0.0,
+        "warmup_beta": 0.0,
         "iterations": steps,
         "seed": seed,
         **data_overrides,
@@ -307,7 +308,7 @@ else:
     frequent = [class_names.index(n) for n in ("Road", "Sky", "Building")]
     rare = [class_names.index(n) for n in ("SignSymbol", "Pedestrian", "Bicyclist")]
     print({class_names[c]: round(float(mean_fill[c]), 1) for c in frequent + rare})
-    # on average over the iterations, the frequent classes hold more entries than the rare
+    # on average over the iterations, frequent classes hold more entries than rare ones
     assert mean_fill[frequent].mean() > mean_fill[rare].mean(), mean_fill
 
 # %% [markdown]

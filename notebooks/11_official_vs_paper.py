@@ -94,7 +94,7 @@ from semiseg.memory_bank import ClassMemoryBank, bank_quota
 from semiseg.models import build_model
 from semiseg.models.deeplab import ASPPv2
 from semiseg.teacher import ema_update, make_teacher, tau_schedule
-from semiseg.train import Trainer, build_train_data
+from semiseg.train import Trainer, build_train_data, loss_weights
 from semiseg.viz import show_source
 
 torch.manual_seed(seed)
@@ -112,7 +112,8 @@ except FileNotFoundError as err:
                       "eval_size": None}
 cfg = load_config("camvid_quick", {"crop_size": [64, 64], "batch_labeled": 2,
                                    "batch_unlabeled": 2, "psi": 16, "fqf": False,
-                                   "warmup_frac": 0.0, "seed": seed, **data_overrides})
+                                   "warmup_frac": 0.0, "warmup_beta": 0.0, "seed": seed,
+                                   **data_overrides})
 paper_cfg = load_config("paper_cityscapes_dlv2")
 summary = []  # (item, quantity, official, ours)
 pd.set_option("display.width", 160)
@@ -594,8 +595,8 @@ def official_lambda_pseudo(t):
     return float(sigmoid_ramp_up(t, 2000))  # RAMP_UP_ITERS = 2000 (L367)
 
 
-def ours_lambda_pseudo(t):  # lambdas only reads cfg and iteration
-    return Trainer.lambdas(SimpleNamespace(cfg=paper_cfg, iteration=t))["pseudo"]
+def ours_lambda_pseudo(t):  # the fixed warm-up (the gate is open at paper scale)
+    return loss_weights(paper_cfg, t)["pseudo"]
 
 
 g = torch.Generator().manual_seed(seed + 4)
@@ -1270,7 +1271,7 @@ print("ours (semiseg.train.Trainer.step):")
 print("\n".join(line for line in inspect.getsource(Trainer.step).splitlines()
                 if "semi = " in line or "views = [" in line))
 print("lambdas at iteration 0 (paper profile):",
-      Trainer.lambdas(SimpleNamespace(cfg=paper_cfg, iteration=0)))
+      loss_weights(paper_cfg, 0))
 
 condition_n = CLASSMIX.lines(542, 542).text.strip().rstrip(",")
 code_n = compile(condition_n, CLASSMIX.lines(542, 542).cite, "eval")
@@ -1307,7 +1308,7 @@ summary.append(("n", "ClassMix fraction at t = 1000", float(official_mix[1000]),
 
 assert not official_mix[:2001].any() and 0.7 < official_mix[2001:].mean() < 0.8
 assert all(0.7 < v < 0.9 for v in ours_mix.values())
-assert Trainer.lambdas(SimpleNamespace(cfg=paper_cfg, iteration=0))["ent"] > 0
+assert loss_weights(paper_cfg, 0)["ent"] > 0
 assert rows_n[2] == {"official": 2, "ours": 1}
 assert rows_n[3] == {"official": 2, "ours": 2}
 
@@ -1396,10 +1397,14 @@ def official_generator(excerpt):
 
 
 net_p = build_model("deeplabv3p_r50", 19, pretrained=False)
+as_modules = reference.ClassAttentionLoop.from_stacked
 bb = net_p.backbone
 b_p = [bb.conv1, bb.bn1, bb.layer1, bb.layer2, bb.layer3, bb.layer4, net_p.decoder,
        net_p.classifier, net_p.projection, net_p.prediction,
-       *net_p.attention_pred.modules_per_class, *net_p.attention_proj.modules_per_class]
+       # our S_c are stacked (one module per set, issue #13); the official code has C
+       # modules per set, so they are listed as such here
+       *as_modules(net_p.attention_pred).modules_per_class,
+       *as_modules(net_p.attention_proj).modules_per_class]
 listed = {name: list(official_generator(e)(b_p))
           for name, e in (("pre-fix", PARAMS_BUG), ("fixed", PARAMS_FIXED))}
 times = {}
@@ -1562,8 +1567,9 @@ def first_true(excerpt):
                 if eval(code, {"i_iter": t, "RAMP_UP_ITERS": 2000}))
 
 
-ours_contr_from = next(t for t in range(4000) if Trainer.lambdas(
-    SimpleNamespace(cfg=paper_cfg, iteration=t))["contr"] > 0)
+ours_contr_from = next(
+    t for t in range(4000) if loss_weights(paper_cfg, t)["contr"] > 0
+)
 starts_s = {"official": {"bank from": first_true(BANK_START),
                          "L_contr from": first_true(CONTR_START)},
             "ours": {"bank from": 0, "L_contr from": ours_contr_from}}

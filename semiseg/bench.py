@@ -15,6 +15,12 @@ Parts, each measured side by side in one process, FLOPs from ``torch.utils.flop_
 * ``eval`` -- evaluation throughput (images/s) on CamVid val.
 * ``syncs`` -- host synchronisations in one paper-shape training step, by ``semiseg.syncs`` (any
   device) and, on CUDA, by ``torch.cuda.set_sync_debug_mode``.
+* ``attention`` -- issue #13: the operators the contrastive module runs per training step
+  (``torch.profiler`` events on the CPU, :func:`operator_counts`) with the class-wise attention as
+  C modules in a loop (``attention_impl: loop``) and as one batched computation, for C = 11, 19
+  and 21; and the same without S_c (``attention: false``), whose difference is S_c's own share.
+* ``attention_losses`` -- issue #13: the training losses of both attention implementations on the
+  CamVid profile (tiny crops), run side by side from the same seed, and each step from one state.
 
 The JSON written to ``--out`` (default ``book/results/bench/<device>.json``) is what the book's
 performance page shows; each ratio is printed beside its target from the issue.
@@ -50,6 +56,7 @@ TARGETS = {  # issue #4
     "loop / vectorised (cpu)": (">=", 2.0),
     "loop / vectorised (cuda)": (">=", 10.0),
     "fp32 / bf16+channels_last step": (">=", 1.5),
+    "batched / loop operators (C=19)": ("<=", 0.2),  # issue #13
 }
 
 
@@ -146,7 +153,7 @@ def camvid_setting(device, precision="fp32", channels_last=False, overrides=None
 
     train_set, tiny = camvid_or_tiny("train")
     cfg = load_config("camvid_quick", {**tiny, "device": str(device), "precision": precision,
-                                       "channels_last": channels_last, "warmup_frac": 0.0, "threads": 0,
+                                       "channels_last": channels_last, "warmup_frac": 0.0, "warmup_beta": 0.0, "threads": 0,
                                        **(overrides or {})})
     n_lab = max(1, len(train_set) // 8)
     trainer = Trainer(cfg, train_set.num_classes, n_lab, device)
@@ -169,7 +176,7 @@ def paper_setting(device, precision="fp32", channels_last=False, size=512, arch=
     bench), so the learning rate is 0: the optimizer still does all of its arithmetic."""
     cfg = load_config("paper_cityscapes_dlv2", {"device": str(device), "precision": precision, "arch": arch,
                                                 "channels_last": channels_last, "pretrained": False,
-                                                "batch_labeled": 1, "batch_unlabeled": 1, "warmup_frac": 0.0,
+                                                "batch_labeled": 1, "batch_unlabeled": 1, "warmup_frac": 0.0, "warmup_beta": 0.0,
                                                 "crop_size": [size, size], "iterations": 1000, "lr": 0.0})
     trainer = Trainer(cfg, num_classes, 100, device)
     g = torch.Generator().manual_seed(0)
@@ -195,12 +202,11 @@ def module_work(trainer, inputs):
     update without its teacher forward (bank features from the given ``feats``)."""
     feats, targets, x_la, y_la, ids = inputs
     feats = feats.detach().requires_grad_()
-    counts = trainer.host_counts(feats, targets, y_la.shape[0])
-    trainer.contrastive(feats, targets, counts).backward()
+    trainer.contrastive(feats, targets).backward()
     bank_from = trainer.cfg.bank_from
     trainer.cfg.bank_from = "student"  # same FQF / ranking / FIFO work, no extra forward pass
     try:
-        trainer.update_bank(x_la, y_la, ids, feats[: x_la.shape[0]].detach(), counts)
+        trainer.update_bank(x_la, y_la, ids, feats[: x_la.shape[0]].detach())
     finally:
         trainer.cfg.bank_from = bank_from
 
@@ -388,6 +394,152 @@ def syncs_part(device, size=512, arch="deeplabv2_r101"):
     return out
 
 
+# operators that only make views or read metadata: no kernel on a GPU
+VIEW_OPS = {"view", "reshape", "unsqueeze", "squeeze", "slice", "select", "transpose", "t", "permute", "expand",
+            "expand_as", "view_as", "detach", "alias", "as_strided", "narrow", "unbind", "split", "split_with_sizes",
+            "chunk", "numpy_T", "_reshape_alias", "_unsafe_view", "to", "contiguous", "lift_fresh", "result_type",
+            "resolve_conj", "resolve_neg", "size", "stride", "is_nonzero"}
+
+
+def operator_counts(fn):
+    """Operators ``fn()`` runs, from ``torch.profiler`` CPU events: ``ops`` counts the ``aten::`` calls made
+    from Python or by autograd (not the ones an operator makes inside itself), leaving out those
+    that only make a view or read metadata (``VIEW_OPS``; a ``to`` / ``reshape`` / ``contiguous``
+    that copies is counted): about the kernels a GPU would launch. ``all`` counts every
+    ``aten::`` event, nested ones included. Autograd's backward is included."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    events = [e for e in prof.events() if e.name.startswith("aten::")]
+
+    def outermost(e):
+        parent = e.cpu_parent
+        while parent is not None:
+            if parent.name.startswith("aten::"):
+                return False
+            parent = parent.cpu_parent
+        return True
+
+    def works(e):
+        name = e.name[len("aten::"):]
+        if name in ("to", "reshape", "contiguous"):  # a copy when they have a copying child
+            return any(c.name in ("aten::_to_copy", "aten::clone", "aten::_reshape_copy", "aten::copy_")
+                       for c in e.cpu_children)
+        return name not in VIEW_OPS
+
+    top = [e for e in events if outermost(e)]
+    return {"ops": sum(works(e) for e in top), "all": len(events)}
+
+
+def attention_tensors(trainer, size, generator):
+    """Step tensors of :func:`module_work` with every class present in every image: random student
+    features of 1 labeled + ``num_views`` unlabeled images and blocky labels."""
+    C, dev = trainer.C, trainer.device
+    n = 1 + trainer.cfg.num_views
+    h = size // 8
+    cells = torch.stack([torch.randperm(h * h, generator=generator) % C for _ in range(n)]).view(n, h, h)
+    targets = cells.repeat_interleave(8, 1).repeat_interleave(8, 2).to(dev)
+    feats = torch.randn(n, trainer.student.feat_dim, h, h, generator=generator).to(dev)
+    x_la = torch.rand(1, 3, size, size, generator=generator).to(dev)
+    return feats, targets, x_la, targets[:1], torch.tensor([0], device=dev)
+
+
+def attention_part(device, classes=(11, 19, 21), size=64, psi=256, arch="effnet_lite0_dlv3p"):
+    """Issue #13: operators of the contrastive module (:func:`module_work`: heads, S_c, eq. (8)-(11)
+    forward and backward, bank update) per training step, attention as a per-class loop and batched.
+
+    The batched count should not depend on C, and be at most 1/5 of the loop's (target)."""
+    out = {"device": str(device), "setting": f"{arch}, {size}x{size}, 1 labeled + 2 views, psi = {psi}, full bank",
+           "classes": list(classes), "counts": {}}
+    for C in classes:
+        out["counts"][str(C)] = {}
+        for impl in ("loop", "batched"):
+            counts = {}
+            for attention in (True, False):  # without S_c: the rest of the module (heads, loss, bank)
+                torch.manual_seed(0)
+                cfg = load_config("smoke", {"arch": arch, "pretrained": False, "psi": psi, "device": str(device),
+                                            "attention_impl": impl, "attention": attention, "warmup_frac": 0.0,
+                                            "warmup_beta": 0.0})
+                trainer = Trainer(cfg, C, 100, device)
+                trainer.generator = torch.Generator().manual_seed(0)  # the bank's random ranking without S_c
+                fill_bank(trainer, torch.Generator().manual_seed(1))
+                tensors = attention_tensors(trainer, size, torch.Generator().manual_seed(2))
+                module_work(trainer, tensors)  # warm-up
+                fill_bank(trainer, torch.Generator().manual_seed(1))
+                counts["module" if attention else "without_attention"] = operator_counts(lambda: module_work(trainer, tensors))
+            counts["attention_ops"] = counts["module"]["ops"] - counts["without_attention"]["ops"]
+            out["counts"][str(C)][impl] = counts
+    per_c = [out["counts"][str(C)] for C in classes]
+    out["batched_constant_in_C"] = len({c["batched"]["module"]["ops"] for c in per_c}) == 1
+    out["ratios"] = {}
+    for C, c in zip(classes, per_c):
+        out["ratios"][f"batched / loop operators (C={C})"] = c["batched"]["module"]["ops"] / c["loop"]["module"]["ops"]
+        out["ratios"][f"batched / loop attention operators (C={C})"] = c["batched"]["attention_ops"] / c["loop"]["attention_ops"]
+    return out
+
+
+def attention_losses_part(device, iterations=100, overrides=None):
+    """Issue #13: the loss terms of ``attention_impl`` batched and loop on the CamVid profile.
+
+    ``free``: two runs from the same seed, side by side for ``iterations`` steps; their difference
+    grows from float rounding through the training dynamics (short high-rate schedules on tiny
+    crops are chaotic: on the smoke profile a 1e-7 relative change of one weight tensor moved the
+    loss by 7e-4 two steps later). ``one_step``: at every iteration the batched trainer takes one step from the loop
+    trainer's state (checkpoint format conversion included), the same RNG state and batch: the
+    implementations' own difference, in the loss terms and in the weights after the step.
+    """
+    import copy
+
+    # phi 0.5: the FQF of an untrained classifier admits vectors, so the bank fills and L_contr runs
+    settings = {"crop_size": [64, 64], "batch_labeled": 2, "batch_unlabeled": 2, "psi": 64, "phi": 0.5,
+                "warmup_frac": 0.0, "warmup_beta": 0.0, "channels_last": False, "iterations": max(iterations, 2),
+                **(overrides or {})}
+    runs = {}
+    for impl in ("loop", "batched"):
+        torch.manual_seed(0)
+        name, trainer, batch = camvid_setting(device, overrides={**settings, "attention_impl": impl})
+        runs[impl] = (trainer, batch)
+    loop, batch = runs["loop"]
+    batched = runs["batched"][0]
+    free, one_step, contr = 0.0, 0.0, 0.0
+    torch.manual_seed(0)
+    for it in range(iterations):
+        rng = torch.get_rng_state()
+        a = loop.step(*batch(it))
+        after = torch.get_rng_state()
+        torch.set_rng_state(rng)
+        b = batched.step(*batch(it))
+        torch.set_rng_state(after)
+        free = max([free] + [abs(a[k] - b[k]) for k in a])
+        contr = max(contr, a.get("contr", 0.0))
+    bank = int(loop.bank.count.sum())
+    # each step from the same state
+    torch.manual_seed(0)
+    name, loop, batch = camvid_setting(device, overrides={**settings, "attention_impl": "loop"})
+    torch.manual_seed(0)
+    _, batched, _ = camvid_setting(device, overrides={**settings, "attention_impl": "batched"})
+    weights = 0.0  # max |difference| of a weight or running statistic after the step, relative to its largest entry
+    for it in range(iterations):
+        state = copy.deepcopy(loop.state_dict())  # RNG state included
+        a = loop.step(*batch(it))
+        after = torch.get_rng_state()
+        batched.load_state_dict(state)
+        b = batched.step(*batch(it))
+        torch.set_rng_state(after)
+        one_step = max([one_step] + [abs(a[k] - b[k]) for k in a])
+        with torch.random.fork_rng(devices=[]):
+            same = copy.deepcopy(batched.student)
+        same.load_state_dict(loop.student.state_dict())  # per-class attention keys converted
+        mine = batched.student.state_dict()
+        for n, p in same.state_dict().items():  # parameters and BatchNorm running statistics
+            if p.is_floating_point():
+                weights = max(weights, float((mine[n] - p).abs().max() / p.abs().max().clamp(min=1e-12)))
+    return {"device": str(device), "setting": name, "iterations": iterations, "overrides": settings,
+            "max_contr": contr, "bank_vectors_at_end": bank, "max_abs_loss_difference_free": free,
+            "max_abs_loss_difference_one_step": one_step, "max_rel_weight_difference_one_step": weights}
+
+
 # ----------------------------------------------------------------------------- report
 def verdict(key, value):
     if key not in TARGETS:
@@ -426,6 +578,19 @@ def report(result):
             lines.append(f"  syncs outside data loading and augmentation: {part['method_syncs']}")
             if "cuda_sync_debug" in part:
                 lines.append(f"  torch.cuda.set_sync_debug_mode warnings by line: {part['cuda_sync_debug']}")
+        if part["part"] == "attention":
+            for C, counts in part["counts"].items():
+                loop, batched = counts["loop"], counts["batched"]
+                lines.append(f"  C = {C:>3}: operators loop {loop['module']['ops']:5d} (S_c: {loop['attention_ops']:5d}), "
+                             f"batched {batched['module']['ops']:5d} (S_c: {batched['attention_ops']:5d})")
+            lines.append(f"  batched count the same for every C: {part['batched_constant_in_C']}")
+        if part["part"] == "attention_losses":
+            lines.append(f"  {part['iterations']} iterations, loss terms batched vs loop: max |difference| "
+                         f"{part['max_abs_loss_difference_free']:.2e} side by side from one seed, "
+                         f"{part['max_abs_loss_difference_one_step']:.2e} for one step from the same state (weights and "
+                         f"BatchNorm statistics after it: max |difference| / max |value| "
+                         f"{part['max_rel_weight_difference_one_step']:.1e})")
+            lines.append(f"  (L_contr up to {part['max_contr']:.4f}; {part['bank_vectors_at_end']} vectors in the bank at the end)")
         if part["part"] == "eval":
             lines.append(f"  {part['images']} images at {part['eval_size']} in {part['seconds']:.1f} s: "
                          f"{part['images_per_second']:.2f} images/s ({part['data']})")
@@ -441,7 +606,8 @@ def report(result):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m semiseg.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--parts", nargs="+", default=["share", "loss", "precision", "eval"],
-                        choices=["share", "loss", "precision", "eval", "syncs", "throughput"])
+                        choices=["share", "loss", "precision", "eval", "syncs", "throughput", "attention",
+                                 "attention_losses"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precisions", nargs="+", default=["fp32"], choices=["fp32", "bf16"],
                         help="for the share and loss parts")
@@ -456,6 +622,10 @@ def main(argv=None):
     parser.add_argument("--eval-limit", type=int, default=None, help="evaluate only the first N val images")
     parser.add_argument("--throughput-iterations", type=int, default=30, help="timed iterations per throughput option")
     parser.add_argument("--throughput-options", nargs="+", default=None, help="throughput options (default: all)")
+    parser.add_argument("--attention-classes", type=int, nargs="+", default=[11, 19, 21], help="C of the attention part")
+    parser.add_argument("--attention-size", type=int, default=64, help="crop size of the attention part")
+    parser.add_argument("--attention-psi", type=int, default=256, help="bank size per class of the attention part")
+    parser.add_argument("--loss-iterations", type=int, default=100, help="iterations of the attention_losses part")
     parser.add_argument("--out", default=None, help="JSON output (default book/results/bench/<device>.json)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -487,6 +657,11 @@ def main(argv=None):
             result["parts"].append({"part": "eval", **eval_part(device, args.eval_limit)})
         elif part == "syncs":
             result["parts"].append({"part": "syncs", **syncs_part(device, args.paper_size, args.paper_arch)})
+        elif part == "attention":
+            result["parts"].append({"part": "attention", **attention_part(device, args.attention_classes,
+                                                                           args.attention_size, args.attention_psi)})
+        elif part == "attention_losses":
+            result["parts"].append({"part": "attention_losses", **attention_losses_part(device, args.loss_iterations)})
         elif part == "throughput":
             from .throughput import throughput_part
 

@@ -91,6 +91,71 @@ def check_compatible(state, arch, num_classes, path):
         raise ValueError(f"checkpoint {path} has {state['num_classes']} classes, but the dataset has {num_classes}")
 
 
+# the per-class parameters of one attention module, in the order C separate modules registered them
+_OLD_ATTENTION_PARAMS = ("fc1.weight", "fc1.bias", "bn.weight", "bn.bias", "fc2.weight", "fc2.bias")
+
+
+def upgrade_optimizer_state(saved, student_state, optimizer, model, path):
+    """The optimizer state of a checkpoint, for ``optimizer`` (of ``model``); one-line error if it cannot fit.
+
+    A checkpoint from before issue #13 holds, for each ``ClassAttention``, C separate modules:
+    6 x C parameters (class by class: fc1.weight, fc1.bias, bn.weight, bn.bias, fc2.weight,
+    fc2.bias) where the model now has 6 stacked ones. Their momentum buffers are stacked the
+    same way as the weights (:data:`semiseg.models.heads.PER_CLASS_KEYS`); a class whose module
+    never had a gradient had no buffer, which is a zero row (SGD without dampening starts its
+    buffer at the first gradient, the same as from 0). Any other mismatch is an error naming the
+    file: evaluate or predict from it, or restart the run.
+    """
+    from .models.heads import PER_CLASS_KEYS, ClassAttention
+
+    def mismatch(why):
+        return ValueError(f"checkpoint {path}: its optimizer state does not fit this model ({why}); evaluate or predict "
+                          f"from it (python -m semiseg.evaluate / semiseg.predict), or restart the run without --resume")
+
+    blocks = {id(m.weight1): m for m in model.modules() if isinstance(m, ClassAttention)}
+    if not blocks or not any(".modules_per_class." in k for k in student_state):
+        return saved
+    groups, state = saved["param_groups"], saved["state"]
+    if len(groups) != len(optimizer.param_groups):
+        raise mismatch(f"{len(groups)} parameter groups, {len(optimizer.param_groups)} expected")
+    new_groups, new_state, new_id = [], {}, 0
+    for old_group, group in zip(groups, optimizer.param_groups):
+        old_ids, pos, ids, params, i = list(old_group["params"]), 0, [], group["params"], 0
+        while i < len(params):
+            module = blocks.get(id(params[i]))
+            stacked = list(module.parameters()) if module is not None else params[i:i + 1]
+            if module is not None and [id(p) for p in params[i:i + len(stacked)]] != [id(p) for p in stacked]:
+                raise mismatch("an attention module's parameters are split between groups")
+            width = len(_OLD_ATTENTION_PARAMS) * module.num_classes if module is not None else 1
+            if pos + width > len(old_ids):
+                raise mismatch(f"group {group.get('name', len(new_groups))!r} has {len(old_ids)} saved parameters")
+            old = old_ids[pos:pos + width]
+            for j, p in enumerate(stacked):
+                if module is None:
+                    entry = state.get(old[0])
+                else:
+                    to_row = PER_CLASS_KEYS[_OLD_ATTENTION_PARAMS[j]][1]
+                    rows = [state.get(old[c * len(stacked) + j], {}) for c in range(module.num_classes)]
+                    keys = set().union(*rows)
+                    if any(not torch.is_tensor(r[k]) for r in rows for k in r):
+                        raise mismatch("non-tensor state of an attention parameter")
+                    entry = {}
+                    for k in keys:
+                        zero = torch.zeros_like(to_row(next(r[k] for r in rows if k in r)))
+                        entry[k] = torch.stack([to_row(r[k]) if k in r else zero for r in rows])
+                    entry = entry or None
+                if entry is not None:
+                    new_state[new_id] = entry
+                ids.append(new_id)
+                new_id += 1
+            pos += width
+            i += len(stacked)
+        if pos != len(old_ids):
+            raise mismatch(f"group {group.get('name', len(new_groups))!r} has {len(old_ids)} saved parameters")
+        new_groups.append({**old_group, "params": ids})
+    return {"state": new_state, "param_groups": new_groups}
+
+
 def resolve_device(cfg):
     """The torch device of a config; asking for CUDA or bf16 where they are missing is a one-line error."""
     if cfg.device == "cuda" and not torch.cuda.is_available():

@@ -59,6 +59,7 @@ class Config:
     lambda_ent: float = 0.01          # eq. (1) weight of L_ent
     lambda_contr: float = 0.1         # eq. (1) weight of L_contr
     warmup_frac: float = 2_000 / 150_000  # lambda_pseudo = lambda_contr = 0 before this
+    warmup_beta: float = 0.05         # choice: the warm-up also lasts until the teacher's mean beta reaches this (0: off)
     # --- method hyper-parameters ----------------------------------------------------------
     tau_start: float = 0.995          # eq. (2) EMA decay, from 0.995 ...
     tau_end: float = 1.0              # ... to 1 during training (linear: choice)
@@ -87,6 +88,7 @@ class Config:
     precision: str = "fp32"           # fp32 | bf16 (autocast of the forward passes)
     channels_last: bool = False       # NHWC memory format for the convolutions
     compile: bool = False             # torch.compile the networks' forward passes
+    attention_impl: str = "batched"   # batched | loop: S_c as one batched computation, or the per-class loop (same numbers)
     cache_images: bool = False        # keep decoded, resized training images in memory (same numbers)
     sync_bn: bool = False             # torchrun with several CUDA processes: SyncBatchNorm in the network
     out_dir: str | None = None        # default: runs/<dataset>/<ratio>/split<k>/<variant>/seed<k>
@@ -106,11 +108,13 @@ class Config:
             ("eval_with", self.eval_with in ("teacher", "student"), "must be teacher or student"),
             ("device", self.device in ("auto", "cpu", "cuda"), "must be auto, cpu or cuda"),
             ("precision", self.precision in ("fp32", "bf16"), "must be fp32 or bf16"),
+            ("attention_impl", self.attention_impl in ("batched", "loop"), "must be batched or loop"),
             ("checkpoint_every", self.checkpoint_every >= 0, "must be >= 0"),
             ("keep_checkpoints", self.keep_checkpoints >= 1, "must be >= 1"),
             ("tau_start", 0.0 <= self.tau_start <= 1.0, "must be in [0, 1]"),
             ("tau_end", 0.0 <= self.tau_end <= 1.0, "must be in [0, 1]"),
             ("warmup_frac", 0.0 <= self.warmup_frac < 1.0, "must be in [0, 1)"),
+            ("warmup_beta", 0.0 <= self.warmup_beta < 1.0, "must be in [0, 1)"),
             ("head_lr_mult", self.head_lr_mult > 0, "must be > 0"),
             ("batch_labeled", self.batch_labeled >= 1, "must be >= 1"),
             ("batch_unlabeled", self.batch_unlabeled >= 1, "must be >= 1"),

@@ -19,8 +19,9 @@
   wait at a barrier.
 
 *Choice*: ``sync_bn=true`` converts the network's ``BatchNorm2d`` layers only. The 1-D BatchNorms
-of the heads and of the class-wise attention run on vector sets whose classes differ between
-processes; synchronising them would need a collective per class that not every process calls.
+of the heads and of the class-wise attention (per class) normalise each process's own vectors,
+whose classes differ between processes, as C separate modules per process did; their running
+statistics are averaged after each step like the others.
 """
 
 from __future__ import annotations

@@ -46,7 +46,7 @@ def worker(overrides, iterations, warmup):
     from .train import setup
 
     _, tiny = camvid_or_tiny("train")
-    cfg = load_config("camvid_quick", {**tiny, "warmup_frac": 0.0, "eval_every": 0, **overrides})
+    cfg = load_config("camvid_quick", {**tiny, "warmup_frac": 0.0, "warmup_beta": 0.0, "eval_every": 0, **overrides})
     torch.set_num_threads(cfg.threads)
     trainer, batches, _ = setup(cfg)
     for it in range(warmup):

@@ -25,9 +25,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import distributed, losses
+from . import distributed, losses, reference
 from .checkpoint import (atomic_torch_save, check_compatible, newest_valid_checkpoint, read_checkpoint,
-                         rng_state, save_checkpoint, set_rng_state)
+                         rng_state, save_checkpoint, set_rng_state, upgrade_optimizer_state)
 from .checkpoint import load_checkpoint_model, resolve_device  # noqa: F401 (re-exported)
 from .config import Config, load_config, one_line_errors, save_config, source_commit
 from .data.augment import STRONG, WEAK, augment
@@ -36,6 +36,7 @@ from .data.sets import build_eval_dataset, build_train_data, eval_splits  # noqa
 from .evaluate import evaluate
 from .memory_bank import ClassMemoryBank, bank_quota, feature_quality_filter
 from .models import build_model
+from .models.heads import freeze_absent_classes
 from .run_dir import (Interrupted, MetricsLog, NoLog, RunLock, StopSignals, check_resume_config, remove_run_files,
                       write_json, write_status)
 from .teacher import ema_update, make_teacher, tau_schedule
@@ -60,10 +61,14 @@ class _Objective(torch.nn.Module):
         return self._trainer[0].student_terms(*args)
 
 
-def first_true(mask, n):
-    """Indices of the ``n`` True entries of a 1-D ``mask``, in order; ``n`` is known on the host, so
-    unlike ``mask.nonzero()`` or ``x[mask]`` this never waits for the device."""
-    return torch.argsort((~mask).to(torch.uint8), stable=True)[:n]
+def loss_weights(cfg, iteration, warmup_end=None):
+    """The λ's of eq. (1) at ``iteration``. §4.2: λ_pseudo = λ_contr = 0 during the warm-up, which
+    ends at ``warmup_end``; by default at its fixed part, ``warmup_frac`` of the schedule (2K of
+    150K iterations in the paper). :meth:`Trainer.end_warmup` can make it end later."""
+    end = round(cfg.warmup_frac * cfg.iterations) if warmup_end is None else warmup_end
+    warm = iteration < end
+    return {"sup": cfg.lambda_sup, "pseudo": 0.0 if warm else cfg.lambda_pseudo,
+            "ent": cfg.lambda_ent, "contr": 0.0 if warm else cfg.lambda_contr}
 
 
 class Trainer:
@@ -73,6 +78,8 @@ class Trainer:
         self.cfg, self.C, self.device = cfg, num_classes, torch.device(device)
         self.dist = dist_info or distributed.Dist()
         self.student = build_model(cfg.arch, num_classes, pretrained=cfg.pretrained).to(self.device).train()
+        if cfg.attention_impl == "loop":  # the per-class reference modules, same weights (issue #13)
+            reference.use_loop_attention(self.student)
         if cfg.sync_bn and self.dist.enabled:
             if self.device.type != "cuda":
                 raise ValueError("config key 'sync_bn' = True needs CUDA processes (SyncBatchNorm has no CPU kernel)")
@@ -92,7 +99,7 @@ class Trainer:
                        else {"broadcast_buffers": False})
             self.objective = DistributedDataParallel(
                 self.objective, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=True,  # attention modules of classes absent from a batch
+                find_unused_parameters=True,  # g, q, S_c: unused while L_contr is off (warm-up), S_c if attention=false
                 **buffers)
         self.optimizer = torch.optim.SGD(self.student.param_groups(cfg.lr, cfg.head_lr_mult), lr=cfg.lr, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay)
@@ -102,13 +109,32 @@ class Trainer:
         self.quota = bank_quota(cfg.psi, num_labeled)
         self.class_counts = torch.zeros(num_classes, dtype=torch.float64, device=self.device)
         self.iteration = 0
+        self.teacher_beta = None  # running mean of the teacher's pixel weight beta (the warm-up's gate)
+        fixed = round(cfg.warmup_frac * cfg.iterations)
+        # the iteration at which L_pseudo and L_contr switch on (None: not known yet, see end_warmup)
+        self.warmup_end = None if cfg.warmup_beta else fixed
 
-    # λ weights of eq. (1), with the warm-up of §4.2
+    # λ weights of eq. (1), with the warm-up of §4.2 (not ended while warmup_end is None)
     def lambdas(self):
+        return loss_weights(self.cfg, self.iteration, math.inf if self.warmup_end is None else self.warmup_end)
+
+    def end_warmup(self, beta):
+        """The warm-up rule (§4.2, and a choice where the paper is silent). The paper switches
+        L_pseudo and L_contr off for the first 2K of 150K iterations "to make sure predictions have
+        some quality before being taken into account"; a fixed fraction cannot promise that in a
+        short run (150 iterations: a 2-iteration warm-up, then pseudo-labels of an untrained
+        teacher, issue #10). So the warm-up lasts ``warmup_frac`` of the schedule *and* until the
+        running mean (momentum 0.9 over steps) of the teacher's mean pixel weight
+        beta = confidence^s on the unlabeled images reaches ``warmup_beta``. ``warmup_beta = 0`` is
+        the paper's fixed warm-up. ``beta`` is this step's mean (None without unlabeled images),
+        read in the step's one loss-value sync: the gate costs no extra host sync."""
         cfg = self.cfg
-        warm = self.iteration < round(cfg.warmup_frac * cfg.iterations)
-        return {"sup": cfg.lambda_sup, "pseudo": 0.0 if warm else cfg.lambda_pseudo,
-                "ent": cfg.lambda_ent, "contr": 0.0 if warm else cfg.lambda_contr}
+        if beta is not None:
+            self.teacher_beta = beta if self.teacher_beta is None else 0.9 * self.teacher_beta + 0.1 * beta
+        if self.warmup_end is not None or self.iteration + 1 < round(cfg.warmup_frac * cfg.iterations):
+            return
+        if not cfg.warmup_beta or (self.teacher_beta or 0.0) >= cfg.warmup_beta:
+            self.warmup_end = self.iteration + 1
 
     def set_lr(self):
         factor = (1 - self.iteration / self.cfg.iterations) ** self.cfg.poly_power  # poly schedule
@@ -145,7 +171,8 @@ class Trainer:
         lam = self.lambdas()
         # augmentation randomness depends only on (seed, iteration, sample): exact resume needs no RNG state
         self.generator = seeded(cfg.seed, self.iteration, 7, self.dist.rank)
-        semi = unlabeled is not None and (lam["pseudo"] or lam["ent"] or cfg.lambda_contr)
+        # the teacher runs during the warm-up too: its confidence is the warm-up's gate
+        semi = unlabeled is not None and bool(cfg.lambda_pseudo or cfg.lambda_ent or cfg.lambda_contr)
         x_l, y_l, ids_l = self.to_device(labeled)
         # Eq. (4) input: a weak view x_l^a of each labeled image (Table 1)
         x_la, y_la, _ = augment(x_l, y_l, None, WEAK, self.generators(0, x_l.shape[0]))
@@ -163,6 +190,7 @@ class Trainer:
             x_u, *y_u = self.to_device(unlabeled[:2])  # true labels, where given, for the log only
             pseudo, conf = self.pseudo_labels(x_u)
             stats = self.pseudo_stats(pseudo, conf, y_u[0]) if y_u else {}
+            stats["teacher_beta"] = (conf ** cfg.sharpen).mean()  # all unlabeled pixels: the warm-up's gate
             class_counts = class_counts + losses.class_histogram(pseudo, self.C)
             # Eq. (6)-(7): A strong views; their geometry is applied to pseudo-labels and confidences too
             views = [augment(x_u, pseudo, conf, STRONG, self.generators(2 + a, x_u.shape[0])) for a in range(cfg.num_views)]
@@ -171,10 +199,10 @@ class Trainer:
             conf_u = torch.cat([v[2] for v in views])
             B_u = x_u.shape[0]
         self.class_counts += distributed.all_reduce_(class_counts.double(), self.dist)
-        terms, feats, counts = self.objective(inputs, targets, conf_u, x_la.shape[0], B_u, n_target, semi, lam)
+        terms, feats = self.objective(inputs, targets, conf_u, x_la.shape[0], B_u, semi, lam)
         # Eq. (1)
         loss = sum(lam[k] * v for k, v in terms.items())
-        # the step's second (and last) host sync: all loss values at once, for the log and the NaN guard
+        # the step's one host sync: all loss values at once, for the log and the NaN guard
         values = torch.stack([loss.detach(), *(v.detach() for v in terms.values()), *stats.values()])
         values = dict(zip(["loss", *terms, *stats], distributed.all_reduce_(values, self.dist, mean=True).tolist()))
         if not math.isfinite(values["loss"]):
@@ -183,12 +211,15 @@ class Trainer:
         self.set_lr()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        self.optimizer.step()
+        # S_c of classes absent from this step stay as they are, as C separate modules did (issue #13)
+        with freeze_absent_classes(self.student, self.optimizer, lambda t: distributed.all_reduce_(t, self.dist)):
+            self.optimizer.step()
         distributed.average_buffers_(self.student, self.dist)
         # Eq. (2)
         ema_update(self.teacher, self.student, tau_schedule(self.iteration, cfg.iterations, cfg.tau_start, cfg.tau_end))
         if cfg.lambda_contr:
-            self.update_bank(x_la[:n_target], y_la[:n_target], ids_l, feats[:n_target], counts)
+            self.update_bank(x_la[:n_target], y_la[:n_target], ids_l, feats[:n_target])
+        self.end_warmup(values.get("teacher_beta"))
         self.iteration += 1
         return {**{k: values[k] for k in terms}, "loss": values["loss"], **{k: values[k] for k in stats}}
 
@@ -205,8 +236,8 @@ class Trainer:
         return {"pseudo_acc": correct.sum() / n, "pseudo_beta": (beta * valid).sum() / n,
                 "pseudo_acc_beta": (beta * correct).sum() / (beta * valid).sum().clamp(min=1e-12)}
 
-    def student_terms(self, inputs, targets, conf_u, B_l, B_u, n_bank, semi, lam):
-        """The student's forward pass and the terms of eq. (1) -> (terms, feats, attention counts)."""
+    def student_terms(self, inputs, targets, conf_u, B_l, B_u, semi, lam):
+        """The student's forward pass and the terms of eq. (1) -> (terms, feats)."""
         cfg = self.cfg
         logits, feats = self.forward(self.student, inputs)
         logits_up = F.interpolate(logits.float(), size=inputs.shape[-2:], mode="bilinear", align_corners=False)
@@ -225,10 +256,9 @@ class Trainer:
             if lam["ent"]:
                 # Eq. (7)
                 terms["ent"] = losses.entropy_loss(logits_up[B_l:])
-        counts = self.host_counts(feats, targets, n_bank) if cfg.lambda_contr else None
         if lam["contr"]:
-            terms["contr"] = self.contrastive(feats, targets, counts)
-        return terms, feats, counts
+            terms["contr"] = self.contrastive(feats, targets)
+        return terms, feats
 
     def to_device(self, batch):
         """A batch's CPU tensors on the model's device; on CUDA through pinned memory, asynchronously
@@ -237,51 +267,37 @@ class Trainer:
             return [t.to(self.device) for t in batch]
         return [t.pin_memory().to(self.device, non_blocking=True) for t in batch]
 
-    def host_counts(self, feats, targets, n_bank):
-        """The step's one host synchronisation for the class-wise attention (issue #4).
-
-        ``torch.split`` into class segments needs segment sizes on the host. All three attention
-        calls of a step are known once the student has run, so their per-class counts come back in
-        a single ``.tolist()``: ``pred`` (non-ignored student vectors, eq. 8), ``memory`` (valid bank
-        slots) and ``bank`` (the vectors of the first ``n_bank`` images, the labeled target images
-        the bank update ranks; ignore counted as class 0).
-        """
-        C = self.C
-        _, vec_labels, labels_small = pixels_to_vectors(feats, targets)
-        bank_labels = labels_small[:n_bank].reshape(-1)
-        host = torch.cat([losses.class_histogram(vec_labels.clamp(max=C), C + 1)[:C], self.bank.count,
-                          losses.class_histogram(torch.where(bank_labels == 255, 0, bank_labels), C)]).tolist()
-        return {"pred": host[:C], "memory": host[C:2 * C], "bank": host[2 * C:]}
-
-    def contrastive(self, feats, labels, counts):
+    def contrastive(self, feats, labels):
         """Eq. (8)-(11) on student vectors of labeled (labels) and unlabeled (pseudo-labels) pixels.
 
-        No host sync: the non-ignored vectors and the valid bank slots are gathered with index
-        tensors whose lengths are known from ``counts`` (:meth:`host_counts`), not boolean masks.
+        No host sync (issue #13): every pixel vector goes through g, q and S_c,theta, the
+        ignore-label ones marked invalid (left out of every BatchNorm statistic, weight 0 in the
+        loss), and S_c,theta runs on all C x psi bank slots, the empty ones invalid. Fixed shapes,
+        the same numbers as gathering the valid vectors first (``attention_impl: loop``,
+        :func:`semiseg.reference.contrastive_gathered`, the code before issue #13).
         """
-        model = self.student
+        model, cfg = self.student, self.cfg
         vectors, vec_labels, _ = pixels_to_vectors(feats, labels)
-        index = first_true(vec_labels != 255, sum(counts["pred"]))
-        vectors, vec_labels = vectors[index], vec_labels[index]
-        pred = model.prediction(model.projection(vectors))  # P = q(g(V))
-        slot_valid = torch.arange(self.cfg.psi, device=self.device)[None] < self.bank.count[:, None]  # [C, psi]
-        if self.cfg.attention:
+        if cfg.attention_impl == "loop":
+            return reference.contrastive_gathered(model, vectors, vec_labels, self.bank, cfg.attention, cfg.attention_detach)
+        valid = vec_labels != 255
+        pred = model.prediction(model.projection(vectors, valid), valid)  # P = q(g(V))
+        slot_valid = torch.arange(cfg.psi, device=self.device)[None] < self.bank.count[:, None]  # [C, psi]
+        if cfg.attention:
             # S_c,theta(p); with attention_detach (the official code's choice, the paper is silent)
             # L_contr cannot move p towards where the attention is low, only train S_c itself
-            seen = pred.detach() if self.cfg.attention_detach else pred
-            pred_scores = model.attention_pred(seen, vec_labels, counts["pred"])
-            slots = first_true(slot_valid.reshape(-1), sum(counts["memory"]))  # class-major: sorted by class
-            memory = self.bank.memory.reshape(-1, self.bank.dim)[slots]
-            scores = model.attention_proj(memory, torch.div(slots, self.cfg.psi, rounding_mode="floor"), counts["memory"])
-            memory_scores = torch.zeros(slot_valid.numel(), device=self.device).index_put((slots,), scores)
-            memory_scores = memory_scores.view_as(slot_valid)  # S_c,theta(z'), 0 on empty slots
+            seen = pred.detach() if cfg.attention_detach else pred
+            pred_scores = model.attention_pred(seen, vec_labels, valid)
+            slot_class = torch.arange(self.C, device=self.device).repeat_interleave(cfg.psi)  # class-major slots
+            memory_scores = model.attention_proj(self.bank.memory.reshape(-1, self.bank.dim), slot_class,
+                                                 slot_valid.reshape(-1)).view_as(slot_valid)  # S_c,theta(z'), 0 if empty
         else:
-            pred_scores, memory_scores = torch.ones_like(vec_labels, dtype=pred.dtype), slot_valid.float()
+            pred_scores, memory_scores = valid.to(pred.dtype), slot_valid.float()
         return losses.contrastive_loss(pred, vec_labels, self.bank.memory, pred_scores, memory_scores, self.C,
                                        memory_count=self.bank.count)
 
     @torch.no_grad()
-    def update_bank(self, x_la, y_la, ids, student_feats, counts):
+    def update_bank(self, x_la, y_la, ids, student_feats):
         """§3.4 Memory Bank: FQF, rank by S_c,xi, per-image quota, FIFO — labeled target images only."""
         net = self.teacher if self.cfg.bank_from == "teacher" else self.student
         if self.cfg.bank_from == "teacher":
@@ -299,7 +315,7 @@ class Trainer:
         proj = net.projection(vectors)
         safe_labels = torch.where(vec_labels == 255, torch.zeros_like(vec_labels), vec_labels)
         if self.cfg.attention:
-            scores = net.attention_proj(proj, safe_labels, counts["bank"])  # ranking R_c = S_c,xi(Z'_c)
+            scores = net.attention_proj(proj, safe_labels)  # ranking R_c = S_c,xi(Z'_c)
         else:
             scores = torch.rand(vec_labels.shape, generator=self.generator).to(self.device)
         net.train(was_training)
@@ -312,15 +328,24 @@ class Trainer:
     def state_dict(self):
         return {"student": self.student.state_dict(), "teacher": self.teacher.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "bank": self.bank.state_dict(),
-                "class_counts": self.class_counts, "iteration": self.iteration, "rng": rng_state()}
+                "class_counts": self.class_counts, "iteration": self.iteration, "rng": rng_state(),
+                "teacher_beta": self.teacher_beta, "warmup_end": self.warmup_end}
 
-    def load_state_dict(self, state):
-        self.student.load_state_dict(state["student"])
+    def load_state_dict(self, state, path="the checkpoint"):
+        self.student.load_state_dict(state["student"])  # old per-class attention keys are converted
         self.teacher.load_state_dict(state["teacher"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        optimizer = upgrade_optimizer_state(state["optimizer"], state["student"], self.optimizer, self.student, path)
+        try:
+            self.optimizer.load_state_dict(optimizer)
+        except ValueError as err:
+            raise ValueError(f"checkpoint {path}: its optimizer state does not fit this model ({err}); evaluate or "
+                             f"predict from it, or restart the run without --resume") from None
         self.bank.load_state_dict(state["bank"])
         self.class_counts = state["class_counts"].to(self.device)
         self.iteration = state["iteration"]
+        fixed = round(self.cfg.warmup_frac * self.cfg.iterations)  # checkpoints from before the gate
+        self.teacher_beta = state.get("teacher_beta")
+        self.warmup_end = state.get("warmup_end", fixed if self.iteration >= fixed or not self.cfg.warmup_beta else None)
         if "rng" in state:
             set_rng_state(state["rng"])
 
@@ -370,7 +395,7 @@ def setup(cfg: Config, info=None, run_dir=None, resume=False):
     if state is not None:
         check_compatible(state, cfg.arch, labeled.num_classes, path)
         check_resume_config(state["config"], cfg, path)
-        trainer.load_state_dict(state)
+        trainer.load_state_dict(state, path)
         trainer.seconds = state.get("seconds", 0.0)
         if info.main:
             print(f"resuming {run_dir} from {path.name} (iteration {trainer.iteration})")
@@ -511,7 +536,7 @@ def _train(cfg, info, run_dir, trainer, batches, val, commit, progress):
     summary = {"miou": result["miou"], "scored_on": headline, "per_class_iou": result["per_class_iou"],
                "val_miou": scores[cfg.eval_with]["val"]["miou"],
                "teacher_miou": scores["teacher"][headline]["miou"], "teacher_val_miou": scores["teacher"]["val"]["miou"],
-               "scores": scores, "iterations": cfg.iterations,
+               "scores": scores, "iterations": cfg.iterations, "warmup_end": trainer.warmup_end,
                "seconds": round(seconds, 1), "variant": cfg.variant, "seed": cfg.seed, "split": cfg.split,
                "profile": cfg.profile, "dataset": cfg.dataset, "ratio": cfg.ratio, "arch": cfg.arch,
                "evaluated": cfg.eval_with, "device": str(device), "processes": info.world, "precision": cfg.precision,
@@ -531,11 +556,19 @@ def _train(cfg, info, run_dir, trainer, batches, val, commit, progress):
 
 def halfway_warnings(cfg, trainer, metrics):
     """One-line warnings for a semi-supervised run whose unlabeled terms are not working by half
-    of the schedule (issue #10): an empty memory bank, or pseudo-label weights of about 0. Each
-    names the likely cause and what to change. Checked at half the schedule and again at the end."""
+    of the schedule (issue #10): a warm-up that has not ended, an empty memory bank, or pseudo-label
+    weights of about 0. Each names the likely cause and what to change. Checked at half the schedule
+    and again at the end."""
     notes = []
     half = cfg.iterations // 2
-    warm = round(cfg.warmup_frac * cfg.iterations)
+    if trainer.warmup_end is None and (cfg.lambda_pseudo or cfg.lambda_contr):
+        beta = "not measured" if trainer.teacher_beta is None else f"{trainer.teacher_beta:.3f}"
+        notes.append(f"the warm-up has not ended at iteration {trainer.iteration} of {cfg.iterations}: the teacher's "
+                     f"mean pixel weight beta = confidence^{cfg.sharpen:g} is {beta} < warmup_beta = "
+                     f"{cfg.warmup_beta:g}, so L_pseudo and L_contr are still off (supervised + L_ent so far); "
+                     f"train longer, or lower warmup_beta (0: the paper's fixed warm-up of warmup_frac)")
+        return notes
+    warm = trainer.warmup_end
     if cfg.lambda_contr and int(trainer.bank.count.sum()) == 0:
         notes.append(f"the memory bank is still empty at iteration {trainer.iteration} of {cfg.iterations}, so "
                      f"L_contr is 0: the Feature Quality Filter admits only correct teacher predictions with "

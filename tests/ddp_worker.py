@@ -7,6 +7,7 @@ import torch
 
 from semiseg import distributed
 from semiseg.config import load_config
+from semiseg.models.heads import ClassAttention
 from semiseg.train import setup
 
 if __name__ == "__main__":
@@ -15,8 +16,8 @@ if __name__ == "__main__":
     info = distributed.init("cpu")
     trainer, batches, _ = setup(cfg, info)
     if "--frozen-bn" in sys.argv:  # BatchNorm from running statistics: no dependence on how a batch is split
-        for module in trainer.student.modules():
-            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+        for module in trainer.student.modules():  # S_c's per-class BatchNorm lives in ClassAttention itself
+            if isinstance(module, (torch.nn.modules.batchnorm._BatchNorm, ClassAttention)):
                 module.eval()
     initial = {k: v.clone() for k, v in trainer.student.state_dict().items()}
     terms = [trainer.step(*batches(0))]

@@ -24,7 +24,24 @@ def test_bench_runs_at_toy_sizes_and_writes_json(tmp_path, capsys):
     assert share["part"] == "share" and 0 < share["flop_share"] < 1 and share["time_share"] > 0
     assert share["flops"]["step"] > share["flops"]["step_module_off"] > 0
     assert loss["abs_difference"] < 1e-5 and loss["loop"]["seconds"] > 0
-    assert syncs["method_syncs"] == 2
+    assert syncs["method_syncs"] == 1  # the loss values of the step (issue #13: none for S_c)
     printed = capsys.readouterr().out
     for key in ("time_share / flop_share", "full step / module-off step", "loop / vectorised (cpu)"):
         assert key in printed and key in json.dumps(result)
+
+
+def test_attention_part_counts_operators_constant_in_the_class_count(tmp_path, capsys):
+    """Issue #13: with the batched S_c the contrastive module runs the same operators for any C,
+    fewer than with C modules in a loop, whose count grows with C."""
+    out = tmp_path / "bench.json"
+    bench.main(["--parts", "attention", "--attention-classes", "11", "19", "--attention-size", "48",
+                "--attention-psi", "8", "--device", "cpu", "--out", str(out)])
+    (part,) = json.loads(out.read_text())["parts"]
+    counts = part["counts"]
+    assert part["batched_constant_in_C"]
+    assert counts["11"]["batched"]["module"]["ops"] == counts["19"]["batched"]["module"]["ops"] > 0
+    assert counts["19"]["loop"]["module"]["ops"] > counts["11"]["loop"]["module"]["ops"]
+    for C in ("11", "19"):
+        assert counts[C]["batched"]["module"]["ops"] < counts[C]["loop"]["module"]["ops"]
+        assert 0 < counts[C]["batched"]["attention_ops"] < counts[C]["loop"]["attention_ops"]
+    assert "batched / loop operators (C=19)" in capsys.readouterr().out

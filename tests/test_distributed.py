@@ -15,7 +15,7 @@ import pytest
 import torch
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
-OVERRIDES = ["iterations=4", "warmup_frac=0", "fqf=false", "batch_labeled=4", "batch_unlabeled=4", "threads=1"]
+OVERRIDES = ["iterations=4", "warmup_frac=0", "warmup_beta=0", "fqf=false", "batch_labeled=4", "batch_unlabeled=4", "threads=1"]
 
 
 def torchrun(nproc, *args, cwd=None):

@@ -182,3 +182,29 @@ def test_weighted_unit_sum_gradient_is_exact():
     assert torch.autograd.gradcheck(lambda p, w: losses._WeightedUnitSum.apply(p, w, labels, 4), (pred, weights))
     expected = torch.zeros(4, 5, dtype=torch.float64).index_add_(0, labels, weights[:, None] * torch.nn.functional.normalize(pred, dim=1))
     assert torch.allclose(losses._WeightedUnitSum.apply(pred, weights, labels, 4), expected)
+
+
+def test_contrastive_loss_excludes_ignore_label_vectors_as_gathering_them_out_did():
+    """Issue #13: the trainer passes every pixel vector, ignore-label (255) ones included with score
+    0. The loss and the gradients of the other vectors are those of the gathered valid vectors; the
+    ignored vectors get no gradient, whatever their values and scores."""
+    g = torch.Generator().manual_seed(6)
+    C, psi, D, N = 5, 7, 8, 60
+    pred = torch.randn(N, D, generator=g)
+    labels = torch.randint(0, C, (N,), generator=g)
+    labels[torch.rand(N, generator=g) < 0.3] = 255
+    keep = labels != 255
+    memory = torch.randn(C, psi, D, generator=g)
+    counts = torch.tensor([7, 3, 0, 5, 1])
+    scores = torch.rand(N, generator=g)
+    mem_scores = torch.rand(C, psi, generator=g)
+    everything = [pred.clone().requires_grad_(), scores.clone().requires_grad_()]
+    everything[1].data[~keep] = 5.0  # whatever an ignored vector's score is
+    gathered = [pred[keep].clone().requires_grad_(), scores[keep].clone().requires_grad_()]
+    a = losses.contrastive_loss(everything[0], labels, memory, everything[1], mem_scores, C, memory_count=counts)
+    b = losses.contrastive_loss(gathered[0], labels[keep], memory, gathered[1], mem_scores, C, memory_count=counts)
+    assert a.item() == pytest.approx(b.item(), abs=1e-6) and b.item() > 0
+    a.backward(), b.backward()
+    for full, part in zip(everything, gathered):
+        assert torch.allclose(full.grad[keep], part.grad, atol=1e-6)
+        assert (full.grad[~keep] == 0).all()

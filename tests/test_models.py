@@ -11,6 +11,7 @@ from semiseg.models import deeplab as deeplab_mod
 from semiseg.models.efficientnet_lite import (EFFNET_LITE_MEAN, EFFNET_LITE_STD,
                                               EfficientNetLite0,
                                               efficientnet_lite0_weights_path)
+from semiseg.reference import ClassAttentionLoop
 
 torch.set_num_threads(2)
 ARCH_NAMES = ["effnet_lite0_dlv3p", "deeplabv2_r101", "deeplabv3p_r50"]
@@ -179,10 +180,9 @@ def test_ema_deepcopy_carries_heads(models):
     for head in ("projection.", "prediction.", "attention_pred.", "attention_proj.", "classifier.", "decoder.",
                  "backbone."):
         assert any(n.startswith(head) for n in t_params), head
-    for c in range(5):  # the 2 x C class-wise attention modules, BatchNorm statistics included
-        for att in ("attention_pred", "attention_proj"):
-            assert f"{att}.modules_per_class.{c}.fc2.weight" in t_params
-            assert f"{att}.modules_per_class.{c}.bn.running_var" in t_buffers
+    for att in ("attention_pred", "attention_proj"):  # the 2 x C class-wise attention modules, stacked
+        assert t_params[f"{att}.weight2"].shape == (5, 256) and t_params[f"{att}.weight1"].shape == (5, 256, 256)
+        assert t_buffers[f"{att}.running_var"].shape == (5, 256)  # BatchNorm statistics included
     for name, p in params.items():
         q = t_params[name]
         assert torch.equal(q, p), f"{name}: teacher value differs from the student's"
@@ -195,9 +195,9 @@ def test_ema_deepcopy_carries_heads(models):
     assert not t.training and m.training
     # separate storage: changing the teacher leaves the student alone
     with torch.no_grad():
-        t.attention_proj[2].fc1.weight.add_(1.0)
+        t.attention_proj.weight1[2].add_(1.0)
         t.backbone._bn0.running_mean.add_(1.0)
-    assert not torch.equal(t.attention_proj[2].fc1.weight, m.attention_proj[2].fc1.weight)
+    assert not torch.equal(t.attention_proj.weight1[2], m.attention_proj.weight1[2])
     assert not torch.equal(t.backbone._bn0.running_mean, m.backbone._bn0.running_mean)
     m.eval()
 
@@ -216,7 +216,7 @@ def test_effnet_seg_train_step_backward():
     loss = loss + m.attention_pred(p, lab).mean()
     loss.backward()
     assert m.backbone._conv_stem.weight.grad is not None
-    assert m.attention_pred[int(lab[0])].fc1.weight.grad is not None
+    assert m.attention_pred.weight1.grad[int(lab[0])].abs().sum() > 0
 
 
 def test_unknown_arch():
@@ -250,22 +250,22 @@ def test_mlp_head():
     assert h(torch.randn(1, 64)).shape == (1, 256)  # single vector in train mode
 
 
-def _loop_reference(att, vecs, labels):
+def _loop_reference(loop, vecs, labels):
     out = []
     for i in range(vecs.shape[0]):
-        mod = att[int(labels[i])]
+        mod = loop[int(labels[i])]
         out.append(mod(vecs[i:i + 1]))
     return torch.cat(out)
 
 
-def _manual_attention(att, vecs, labels, batch_stats):
+def _manual_attention(loop, vecs, labels, batch_stats):
     """S_c by hand: Linear -> BatchNorm1d -> LeakyReLU(0.01) -> Linear(1) -> Sigmoid, with the weights of
-    module ``modules_per_class[c]`` for a vector of class c. ``batch_stats``: BatchNorm with the
-    (biased) statistics of the class's vectors (train mode), else with the running statistics; a
-    class with a single vector always uses the running statistics."""
+    module ``modules_per_class[c]`` of the per-class reference for a vector of class c. ``batch_stats``:
+    BatchNorm with the (biased) statistics of the class's vectors (train mode), else with the running
+    statistics; a class with a single vector always uses the running statistics."""
     out = torch.full((vecs.shape[0],), float("nan"))
     for c in labels.unique().tolist():
-        mod = att.modules_per_class[c]
+        mod = loop.modules_per_class[c]
         idx = (labels == c).nonzero().flatten()
         h = vecs[idx] @ mod.fc1.weight.T + mod.fc1.bias
         if batch_stats and len(idx) > 1:
@@ -278,27 +278,33 @@ def _manual_attention(att, vecs, labels, batch_stats):
     return out
 
 
-def _randomise(att):
-    """Non-trivial weights and running statistics, so every part of S_c shows in its output."""
+def _randomised(num_classes, dim, hidden=256):
+    """(ClassAttention, the per-class reference with the same weights): non-trivial weights and
+    running statistics, so every part of S_c shows in its output. The batched module gets them
+    through an old-format (per-class) state dict."""
+    loop = ClassAttentionLoop(num_classes, dim, hidden)
     with torch.no_grad():
-        for mod in att.modules_per_class:
+        for mod in loop.modules_per_class:
             mod.bn.running_mean.uniform_(-1, 1)
             mod.bn.running_var.uniform_(0.5, 2)
             mod.bn.weight.uniform_(0.5, 2)
             mod.bn.bias.uniform_(-1, 1)
             mod.fc2.weight.mul_(5)
-    return att
+    att = ClassAttention(num_classes, dim, hidden)
+    att.load_state_dict(loop.state_dict())
+    return att, loop
 
 
 def test_class_attention_matches_per_vector_loop_eval():
     torch.manual_seed(0)
-    att = _randomise(ClassAttention(4, dim=16, hidden=8)).eval()
+    att, loop = _randomised(4, dim=16, hidden=8)
+    att.eval(), loop.eval()
     vecs = torch.randn(30, 16)
     labels = torch.tensor([3, 0, 0, 2, 3, 3] * 5)
     with torch.no_grad():
         out = att(vecs, labels)
-        ref = _loop_reference(att, vecs, labels)
-        manual = _manual_attention(att, vecs, labels, batch_stats=False)
+        ref = _loop_reference(loop, vecs, labels)
+        manual = _manual_attention(loop, vecs, labels, batch_stats=False)
     assert torch.allclose(out, ref, atol=1e-6)
     assert torch.allclose(out, manual, atol=1e-6), "S_c differs from Linear-BN-LeakyReLU-Linear-Sigmoid by hand"
     assert out.std() > 0.05  # the scores spread: the comparison above is not between constants
@@ -306,12 +312,12 @@ def test_class_attention_matches_per_vector_loop_eval():
         # the same vectors through each class's module: four different S_c
         per_class = torch.stack([att(vecs, torch.full((30,), c)) for c in range(4)])
         for c in range(4):
-            assert torch.allclose(per_class[c], _manual_attention(att, vecs, torch.full((30,), c), False), atol=1e-6)
+            assert torch.allclose(per_class[c], _manual_attention(loop, vecs, torch.full((30,), c), False), atol=1e-6)
         for a in range(4):
             for b in range(a + 1, 4):
                 assert (per_class[a] - per_class[b]).abs().max() > 1e-2, (a, b)
-        # a vector's score depends on its own class's module only
-        att.modules_per_class[0].fc1.weight.add_(0.5)
+        # a vector's score depends on its own class's weights only
+        att.weight1[0].add_(0.5)
         after = att(vecs, labels)
     assert torch.equal(after[labels != 0], out[labels != 0])
     assert (after[labels == 0] - out[labels == 0]).abs().min() > 0
@@ -319,20 +325,20 @@ def test_class_attention_matches_per_vector_loop_eval():
 
 def test_class_attention_train_mode_per_class_batches():
     torch.manual_seed(0)
-    att = _randomise(ClassAttention(3, dim=8, hidden=8)).train()
+    att, loop = _randomised(3, dim=8, hidden=8)
+    att.train()
     vecs = torch.randn(12, 8)
     labels = torch.tensor([2, 0, 2, 2, 0, 1, 0, 2, 0, 0, 2, 2])  # class 1: single vector
-    manual = _manual_attention(att, vecs, labels, batch_stats=True)  # before the running stats move
+    manual = _manual_attention(loop, vecs, labels, batch_stats=True)  # before the running stats move
     out = att(vecs, labels)
     assert out.shape == (12,)
     # BatchNorm with each class's own batch statistics; the lone class-1 vector with the running ones
     assert torch.allclose(out.detach(), manual, atol=1e-6), "train-mode S_c differs from the manual per-class computation"
     # reference: each class's module applied to that class's vectors as a batch
     ref = torch.empty(12)
-    att2 = copy.deepcopy(att)  # fresh running stats would differ; compare outputs only
     for c in range(3):
         idx = (labels == c).nonzero().flatten()
-        mod = att2[c]
+        mod = copy.deepcopy(loop[c]).train()
         if len(idx) == 1:
             mod.eval()
         ref[idx] = mod(vecs[idx]).detach()
@@ -343,30 +349,31 @@ def test_class_attention_train_mode_per_class_batches():
     again = att(moved, labels).detach()
     assert torch.allclose(again[labels != 2], out.detach()[labels != 2], atol=1e-6)
     assert not torch.allclose(again[labels == 2], out.detach()[labels == 2], atol=1e-3)
-    # gradients flow to the vectors and to the used modules only
+    # gradients flow to the vectors and to the weights of the classes present only
     vecs.requires_grad_(True)
     att(vecs, labels).sum().backward()
     assert vecs.grad is not None and vecs.grad.abs().sum() > 0
     for c in range(3):
-        assert att[c].fc1.weight.grad is not None
+        assert att.weight1.grad[c].abs().sum() > 0
     att.zero_grad(set_to_none=True)
     att(vecs[labels == 0], labels[labels == 0]).sum().backward()
-    assert att[1].fc1.weight.grad is None and att[0].fc1.weight.grad is not None
+    assert att.weight1.grad[1].abs().sum() == 0 and att.weight1.grad[0].abs().sum() > 0
 
 
 def test_class_attention_single_vector_and_empty():
     torch.manual_seed(0)
-    att = _randomise(ClassAttention(5, dim=8)).train()
+    att, loop = _randomised(5, dim=8)
+    att.train()
     v = torch.randn(1, 8)
-    running = att[4].bn.running_mean.clone()
+    running = att.running_mean[4].clone()
     s = att(v, torch.tensor([4]))
     # one vector in train mode: BatchNorm with the running statistics, which it leaves unchanged
     assert s.shape == (1,)
-    assert torch.allclose(s.detach(), _manual_attention(att, v, torch.tensor([4]), batch_stats=True), atol=1e-6), \
+    assert torch.allclose(s.detach(), _manual_attention(loop, v, torch.tensor([4]), batch_stats=True), atol=1e-6), \
         "a lone vector's S_c differs from the manual computation with running statistics"
-    assert torch.equal(att[4].bn.running_mean, running)
+    assert torch.equal(att.running_mean[4], running)
     assert not torch.allclose(s.detach(), att(v, torch.tensor([3])).detach(), atol=1e-3)  # module 3, not 4
     e = att(torch.randn(0, 8), torch.zeros(0, dtype=torch.long))
     assert e.shape == (0,)
-    with pytest.raises(ValueError):
+    with pytest.raises(RuntimeError, match="labels must be in"):
         att(torch.randn(2, 8), torch.tensor([0, 5]))

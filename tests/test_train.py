@@ -86,7 +86,7 @@ def test_teacher_tracks_student_and_bank_fills(monkeypatch):
     from semiseg.teacher import tau_schedule
 
     # tau from 0.5 (not 0.995): a wrong tau moves the teacher by far more than rounding
-    cfg = load_config("smoke", {"fqf": False, "warmup_frac": 0.0, "tau_start": 0.5, "tau_end": 1.0})
+    cfg = load_config("smoke", {"fqf": False, "warmup_frac": 0.0, "warmup_beta": 0.0, "tau_start": 0.5, "tau_end": 1.0})
     labeled, _, _ = build_train_data(cfg)
     C = labeled.num_classes
     trainer = Trainer(cfg, C, len(labeled), "cpu")
@@ -160,7 +160,8 @@ def test_teacher_tracks_student_and_bank_fills(monkeypatch):
             with torch.no_grad():
                 for c in range(C):
                     if memory_count[c]:
-                        want = attention.modules_per_class[c](memory[c, : int(memory_count[c])])
+                        n = int(memory_count[c])
+                        want = attention(memory[c, :n], torch.full((n,), c))  # S_c alone on class c's slots
                         assert torch.allclose(memory_scores[c, : int(memory_count[c])], want, atol=1e-6), \
                             f"class {c}: memory weights are not the student's S_c(z')"
 
@@ -185,7 +186,7 @@ def test_compare_falls_back_to_tiny_without_data(tmp_path, monkeypatch, capsys):
 
 def test_domain_adaptation_source_joins_labeled_batch_but_not_the_bank():
     """§4.3.2: X_d is used for L_sup and L_contr; the memory bank holds target vectors only."""
-    cfg = load_config("smoke", {"fqf": False, "warmup_frac": 0.0, "source_dataset": "tiny"})
+    cfg = load_config("smoke", {"fqf": False, "warmup_frac": 0.0, "warmup_beta": 0.0, "source_dataset": "tiny"})
     labeled, _, source = build_train_data(cfg)
     assert source is not None and len(source) == 48
     trainer = Trainer(cfg, labeled.num_classes, len(labeled), "cpu")
@@ -226,7 +227,7 @@ def test_eq1_total_is_weighted_sum_and_eq5_pseudo_labels_are_teacher_argmax(monk
     from semiseg import losses
 
     lam = {"sup": 0.7, "pseudo": 1.3, "ent": 0.5, "contr": 2.0}  # all different: a swap shows
-    cfg = load_config("smoke", {"fqf": False, "warmup_frac": 0.0, **{f"lambda_{k}": v for k, v in lam.items()}})
+    cfg = load_config("smoke", {"fqf": False, "warmup_frac": 0.0, "warmup_beta": 0.0, **{f"lambda_{k}": v for k, v in lam.items()}})
     labeled, _, _ = build_train_data(cfg)
     trainer = Trainer(cfg, labeled.num_classes, len(labeled), "cpu")
     g = torch.Generator().manual_seed(1)
@@ -258,10 +259,10 @@ def test_eq1_total_is_weighted_sum_and_eq5_pseudo_labels_are_teacher_argmax(monk
     objective = trainer.objective.forward
 
     def spy_objective(*args):
-        terms, feats, counts = objective(*args)
+        terms, feats = objective(*args)
         seen["args"], seen["terms"] = args, {k: v.detach().clone() for k, v in terms.items()}
         seen["grads"] = {k: torch.autograd.grad(v, params, retain_graph=True, allow_unused=True) for k, v in terms.items()}
-        return terms, feats, counts
+        return terms, feats
 
     contrastive_loss = losses.contrastive_loss
 
@@ -313,11 +314,86 @@ def test_eq1_total_is_weighted_sum_and_eq5_pseudo_labels_are_teacher_argmax(monk
 
 
 def test_warmup_zeroes_pseudo_and_contr_only():
-    cfg = load_config("smoke", {"iterations": 150, "warmup_frac": 2 / 150})
+    cfg = load_config("smoke", {"iterations": 150, "warmup_frac": 2 / 150, "warmup_beta": 0.0})
     trainer = Trainer(cfg, 4, 12, "cpu")
     assert trainer.lambdas() == {"sup": 1.0, "pseudo": 0.0, "ent": 0.01, "contr": 0.0}
     trainer.iteration = 2
     assert trainer.lambdas() == {"sup": 1.0, "pseudo": 1.0, "ent": 0.01, "contr": 0.1}
+
+
+def test_warmup_waits_for_a_confident_teacher():
+    """The gate (issue #10): after warmup_frac, the warm-up lasts until the running mean
+    (momentum 0.9) of the teacher's mean beta reaches warmup_beta."""
+    cfg = load_config("smoke", {"iterations": 150, "warmup_frac": 2 / 150, "warmup_beta": 0.05})
+    trainer = Trainer(cfg, 4, 12, "cpu")
+    on = {"sup": 1.0, "pseudo": 1.0, "ent": 0.01, "contr": 0.1}
+    for it in range(40):  # an unconfident teacher: the fixed part ends at 2, the warm-up does not
+        trainer.iteration = it
+        trainer.end_warmup(0.001)
+    trainer.iteration = 40
+    assert trainer.warmup_end is None and trainer.lambdas()["pseudo"] == 0.0 and trainer.lambdas()["contr"] == 0.0
+    assert abs(trainer.teacher_beta - 0.001) < 1e-12
+    mean, it = trainer.teacher_beta, 40
+    while mean < 0.05:  # the teacher jumps to beta = 0.2: the running mean crosses 0.05 a few steps later
+        mean = 0.9 * mean + 0.1 * 0.2
+        trainer.iteration = it
+        trainer.end_warmup(0.2)
+        assert (trainer.warmup_end is None) == (mean < 0.05), it
+        it += 1
+    assert trainer.warmup_end == it == 43 and abs(trainer.teacher_beta - mean) < 1e-12
+    trainer.iteration = it
+    assert trainer.lambdas() == on
+    trainer.end_warmup(0.0)  # once ended, the warm-up stays ended
+    assert trainer.warmup_end == 43 and trainer.lambdas() == on
+    # not before the fixed part, however confident the teacher
+    early = Trainer(load_config("smoke", {"iterations": 150, "warmup_frac": 0.1, "warmup_beta": 0.05}), 4, 12, "cpu")
+    for it in range(15):
+        early.iteration = it
+        early.end_warmup(0.9)
+    assert early.warmup_end == 15
+
+
+def test_warmup_gate_survives_a_resume_and_reads_old_checkpoints():
+    cfg = load_config("smoke", {"iterations": 150, "warmup_frac": 2 / 150, "warmup_beta": 0.05})
+    trainer = Trainer(cfg, 4, 12, "cpu")
+    trainer.teacher_beta, trainer.warmup_end, trainer.iteration = 0.07, 31, 60
+    state = trainer.state_dict()
+    again = Trainer(cfg, 4, 12, "cpu")
+    again.load_state_dict(state)
+    assert (again.teacher_beta, again.warmup_end) == (0.07, 31)
+    old = {k: v for k, v in state.items() if k not in ("teacher_beta", "warmup_end")}  # before the gate
+    again = Trainer(cfg, 4, 12, "cpu")
+    again.load_state_dict(old)
+    assert again.warmup_end == 2 and again.lambdas()["pseudo"] == 1.0  # past the fixed warm-up: as trained
+    again = Trainer(cfg, 4, 12, "cpu")
+    again.load_state_dict({**old, "iteration": 1})
+    assert again.warmup_end is None  # still in the fixed part: the gate decides from here
+
+
+def test_a_run_whose_teacher_never_gets_confident_says_so():
+    """A full-method run that stays in the warm-up is supervised + L_ent; it warns at half the
+    schedule and at the end (log, status.json, summary.json), naming warmup_beta."""
+    import dataclasses
+
+    from semiseg.data.sampling import Batches
+    from semiseg.train import halfway_warnings
+
+    cfg = load_config("smoke", {"warmup_beta": 0.99})
+    labeled, unlabeled, _ = build_train_data(cfg)
+    trainer = Trainer(cfg, labeled.num_classes, len(labeled), "cpu")
+    batches = [Batches(ds, size, cfg.base_size, cfg.crop_size, cfg.seed + k)
+               for k, (ds, size) in enumerate([(labeled, cfg.batch_labeled), (unlabeled, cfg.batch_unlabeled)])]
+    for it in range(cfg.iterations):
+        terms = trainer.step(batches[0](it), batches[1](it))
+        assert "pseudo" not in terms and "contr" not in terms and 0.0 <= terms["teacher_beta"] < 0.99
+    assert trainer.warmup_end is None
+    notes = halfway_warnings(cfg, trainer, None)
+    assert len(notes) == 1 and "warmup_beta = 0.99" in notes[0] and "still off" in notes[0], notes
+    # the paper's fixed warm-up: the same run switches both terms on after warmup_frac
+    fixed = Trainer(dataclasses.replace(cfg, warmup_beta=0.0), labeled.num_classes, len(labeled), "cpu")
+    for it in range(cfg.iterations):
+        terms = fixed.step(batches[0](it), batches[1](it))
+    assert fixed.warmup_end == round(cfg.warmup_frac * cfg.iterations) and "pseudo" in terms
 
 
 def test_every_run_writes_a_small_embeddings_artifact(run):
