@@ -178,3 +178,32 @@ def conclusions(runs, model="student", split="test", ratios=("1/16", "1/8")):
                     sentences.append(f"{variant} at {ratio} reaches {100 * np.mean(values) / top:.1f} % of the "
                                      f"fully supervised ceiling ({top:.2f} mIoU, {len(values)} split(s)).")
     return sentences
+
+
+def unlabeled_signals(run, beta_level=0.05):
+    """What the unlabeled terms had to work with in one run, read from its ``metrics.jsonl``
+    (issue #9, "what limits the gain"): where the warm-up ended (``warmup_end`` in newer
+    summaries, else the fixed ``warmup_frac`` of its config), the first logged iteration at which
+    the teacher's mean pixel weight beta reached ``beta_level`` (the warm-up gate's default,
+    :meth:`semiseg.train.Trainer.end_warmup`), the first at which the memory bank held more than
+    one class, and at the end: pseudo-label accuracy, mean beta, and the classes in the bank.
+    None where the log never reached it."""
+    import yaml
+
+    folder = Path(run["path"]).parent
+    recs = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    steps = [r for r in recs if "loss" in r]
+    cfg = yaml.safe_load((folder / "config.yaml").read_text()) if (folder / "config.yaml").exists() else {}
+    fixed = round(cfg.get("warmup_frac", 0) * cfg.get("iterations", run.get("iterations", 0)))
+    end = run.get("warmup_end", fixed)
+
+    def first(pred):
+        return next((r["iteration"] for r in steps if pred(r)), None)
+
+    last = steps[-1] if steps else {}
+    fill = last.get("bank_fill_per_class", [])
+    return {"warmup_end": end,
+            "beta_reached": first(lambda r: r.get("pseudo_beta", 0) >= beta_level),
+            "bank_two_classes": first(lambda r: sum(f > 0 for f in r.get("bank_fill_per_class", [])) > 1),
+            "pseudo_acc_end": last.get("pseudo_acc"), "beta_end": last.get("pseudo_beta"),
+            "bank_classes_end": sum(f > 0 for f in fill), "classes": len(fill)}

@@ -63,3 +63,23 @@ def test_ceiling_and_relative_numbers(tmp_path):
     assert "full at 1/8 reaches 50.0 % of the fully supervised ceiling" in " ".join(results.conclusions(runs))
     assert results.labeled_count("camvid", "1/16", 0) == 23 and results.labeled_count("camvid", "1/8", 1) == 46
     assert results.labeled_count("camvid", "1/1", 0) == 367
+
+
+def test_unlabeled_signals_read_from_the_log(tmp_path):
+    from semiseg import results
+
+    d = tmp_path / "camvid" / "1-8" / "split0" / "full" / "seed0"
+    d.mkdir(parents=True)
+    (d / "summary.json").write_text(json.dumps({"miou": 40.0, "profile": "quick", "iterations": 100}))
+    (d / "config.yaml").write_text("warmup_frac: 0.2\niterations: 100\n")
+    logs = [(25, 0.01, [0, 0.5, 0]), (50, 0.04, [0, 0.5, 0]), (75, 0.06, [0.1, 0.5, 0]), (100, 0.03, [0.2, 0.5, 0.3])]
+    lines = [{"iteration": i, "loss": 1.0, "pseudo_beta": b, "pseudo_acc": i / 200, "bank_fill_per_class": f}
+             for i, b, f in logs]
+    lines.insert(2, {"iteration": 50, "val_miou": 30.0})  # an evaluation record: no loss, skipped
+    (d / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    (run,) = collect(tmp_path)
+    s = results.unlabeled_signals(run)
+    assert s == {"warmup_end": 20, "beta_reached": 75, "bank_two_classes": 75, "pseudo_acc_end": 0.5,
+                 "beta_end": 0.03, "bank_classes_end": 3, "classes": 3}
+    assert results.unlabeled_signals({**run, "warmup_end": 60})["warmup_end"] == 60  # the gate's, when recorded
+    assert results.unlabeled_signals(run, beta_level=0.1)["beta_reached"] is None
