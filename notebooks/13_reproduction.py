@@ -281,18 +281,22 @@ for r in sorted(runs, key=lambda r: (r["ratio"], r["variant"], r["split"])):
     if r["variant"] == "supervised":
         continue
     sig = results.unlabeled_signals(r)
+    banked = r["variant"] != "no_contr"  # no_contr has no L_contr, so no memory bank
     signal_rows.append({
         "ratio": r["ratio"], "variant": r["variant"], "split": r["split"],
-        "warm-up ended": sig["warmup_end"], "β ≥ 0.05 from": sig["beta_reached"],
-        "bank > 1 class from": sig["bank_two_classes"],
+        "warm-up ended": sig["warmup_end"],
+        "β ≥ 0.05 from": sig["beta_reached"] or "never",
+        "bank > 1 class from": (sig["bank_two_classes"] or "never") if banked else "–",
         "pseudo acc (end)": f"{sig['pseudo_acc_end']:.3f}",
         "β (end)": f"{sig['beta_end']:.3f}",
-        "bank classes (end)": f"{sig['bank_classes_end']} of {sig['classes']}",
+        "bank classes (end)": (
+            f"{sig['bank_classes_end']} of {sig['classes']}" if banked else "–"
+        ),
     })
 if signal_rows:
     display(Markdown(markdown_table(signal_rows, list(signal_rows[0]))))
     lags = [x["β ≥ 0.05 from"] - x["warm-up ended"] for x in signal_rows
-            if x["β ≥ 0.05 from"] is not None and x["warm-up ended"] is not None]
+            if isinstance(x["β ≥ 0.05 from"], int) and x["warm-up ended"] is not None]
     if lags:
         print(f"iterations between the end of the warm-up and beta >= 0.05: "
               f"{min(lags)} to {max(lags)} over {len(lags)} run(s)")
