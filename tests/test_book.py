@@ -92,14 +92,19 @@ def test_result_tables_are_tables_with_rows(site, browser, page_path):
         assert "cpu.json" in text and "cuda.json" in text and "met" in text
 
 
-def test_execution_cache_key_follows_the_package(tmp_path, monkeypatch):
-    """The copied notebooks carry a hash of semiseg/: a package change changes their code, so
-    Jupyter Book's cache (keyed on code cells) re-executes them."""
+def load_build():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("book_build", ROOT / "book" / "build.py")
     build = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(build)
+    return build
+
+
+def test_execution_cache_key_follows_the_package(tmp_path, monkeypatch):
+    """The copied notebooks carry a hash of semiseg/: a package change changes their code, so
+    Jupyter Book's cache (keyed on code cells) re-executes them."""
+    build = load_build()
     (tmp_path / "semiseg").mkdir()
     (tmp_path / "semiseg" / "losses.py").write_text("x = 1\n")
     monkeypatch.setattr(build, "ROOT", tmp_path)
@@ -116,3 +121,29 @@ def test_execution_cache_key_follows_the_package(tmp_path, monkeypatch):
     cells = jupytext.read(tmp_path / "book" / "notebooks" / "01_x.py").cells
     assert cells[0].metadata.get("tags") == ["parameters"]  # papermill's cell stays first
     assert build.package_hash() in cells[-1].source and cells[-1].metadata["tags"] == ["remove-cell"]
+
+
+def test_parallel_execution_fills_jupyter_books_cache(tmp_path, monkeypatch, capsys):
+    """build.execute_notebooks runs the pages two at a time into the cache that Jupyter Book reads
+    (matched on the notebook as Jupyter Book reads it); a failing page stays out of the cache
+    (Jupyter Book then runs it and reports the error), and a second call executes nothing."""
+    from jupyter_cache import get_cache
+
+    build = load_build()
+    monkeypatch.setattr(build, "BOOK", tmp_path)
+    monkeypatch.setattr(build, "CACHE", tmp_path / "_build" / ".jupyter_cache")
+    (tmp_path / "notebooks").mkdir()
+    head = "# ---\n# jupyter:\n#   kernelspec: {display_name: Python 3, language: python, name: python3}\n# ---\n\n"
+    for name, code in [("01_a", "print(6 * 7)"), ("02_b", "raise ValueError('bad page')"),
+                       ("08_train", "print('not executed')"), ("09_results", "print('r')")]:
+        (tmp_path / "notebooks" / f"{name}.py").write_text(head + "# %%\n" + code + "\n")
+    build.execute_notebooks(2)
+    out = capsys.readouterr().out
+    assert "02_b.py: failed (" in out and "bad page" in out and "08_train" not in out
+    cache = get_cache(str(build.CACHE))
+    hit = cache.match_cache_notebook(build.read_notebook(tmp_path / "notebooks" / "01_a.py"))
+    assert cache.get_cache_bundle(hit.pk).nb.cells[0].outputs[0]["text"] == "42\n"
+    with pytest.raises(KeyError):
+        cache.match_cache_notebook(build.read_notebook(tmp_path / "notebooks" / "02_b.py"))
+    build.execute_notebooks(2)
+    assert "executing 1 notebooks" in capsys.readouterr().out  # only the failed page again
