@@ -288,9 +288,7 @@ class Trainer:
             # L_contr cannot move p towards where the attention is low, only train S_c itself
             seen = pred.detach() if cfg.attention_detach else pred
             pred_scores = model.attention_pred(seen, vec_labels, valid)
-            slot_class = torch.arange(self.C, device=self.device).repeat_interleave(cfg.psi)  # class-major slots
-            memory_scores = model.attention_proj(self.bank.memory.reshape(-1, self.bank.dim), slot_class,
-                                                 slot_valid.reshape(-1)).view_as(slot_valid)  # S_c,theta(z'), 0 if empty
+            memory_scores = model.attention_proj.per_class(self.bank.memory, slot_valid)  # S_c,theta(z'), 0 if empty
         else:
             pred_scores, memory_scores = valid.to(pred.dtype), slot_valid.float()
         return losses.contrastive_loss(pred, vec_labels, self.bank.memory, pred_scores, memory_scores, self.C,

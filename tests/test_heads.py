@@ -123,6 +123,38 @@ def test_invalid_vectors_are_never_read():
     assert torch.equal(everything_invalid, torch.zeros(9))
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_per_class_layout_equals_the_flat_call(training):
+    """``per_class`` on [C, M, dim] (the bank's slots, some empty) gives the scores, gradients and
+    running statistics of ``forward`` on the same vectors flattened with class-major labels, and 0
+    for the empty slots; a class with one valid slot and a class with none included."""
+    C, M, D = 7, 12, 16
+    att, _ = _pair(C, D, seed=3)
+    att.train(training)
+    flat = copy.deepcopy(att)
+    torch.manual_seed(4)
+    vectors = torch.randn(C, M, D, requires_grad=True)
+    valid = torch.rand(C, M) < 0.7
+    valid[2] = False
+    valid[3] = False
+    valid[3, 5] = True
+    got = att.per_class(vectors, valid)
+    labels = torch.arange(C).repeat_interleave(M)
+    want = flat(vectors.reshape(-1, D), labels, valid.reshape(-1)).view(C, M)
+    _close(got, want, what="scores")
+    assert (got[~valid] == 0).all()
+    weights = torch.randn(C, M)
+    grad_got = torch.autograd.grad((got * weights).sum(), [vectors, *att.parameters()])
+    grad_want = torch.autograd.grad((want * weights).sum(), [vectors, *flat.parameters()])
+    for (name, _), a, b in zip([("vectors", None), *att.named_parameters()], grad_got, grad_want):
+        _close(a, b, what=name)
+    for name, buf in att.named_buffers():
+        _close(buf.float(), dict(flat.named_buffers())[name].float(), what=name)
+    assert torch.equal(att.used, valid.any(1)) and torch.equal(flat.used, valid.any(1))
+    with pytest.raises(ValueError, match=r"expected vectors \[7, M, 16\]"):
+        att.per_class(vectors[:5], valid[:5])
+
+
 def test_batched_operators_do_not_depend_on_the_class_count():
     """The same sequence of operators for C = 3 and C = 11 (the loop's grows with C)."""
     from torch.profiler import ProfilerActivity, profile

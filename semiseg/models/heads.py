@@ -176,7 +176,8 @@ class ClassAttention(nn.Module):
     cannot be tested on the CPU, so it is not used.) Invalid vectors are never read (padding rows
     repeat a valid vector of their class). Labels of valid vectors outside [0, C) fail a device-side
     check (``RuntimeError`` on the CPU; a CUDA device assert), not a host check, which would wait.
-    Empty input returns an empty tensor.
+    Empty input returns an empty tensor. Vectors already grouped by class (the bank's C x psi slots)
+    take :meth:`per_class`, which needs none of this plan.
 
     Optimiser semantics: with separate modules, the module of a class absent from a step had no
     gradient, so SGD left its weights and momentum alone. Stacked, that class's rows get a zero
@@ -249,18 +250,47 @@ class ClassAttention(nn.Module):
             dest = torch.where(real, src, N).view(-1)  # where each row's score goes; N: nowhere
             rows = real.unsqueeze(2).to(dtype)  # [G, T, 1]
             member = segment_member(tile_class, C, dtype)
+        # Linear(dim, hidden) as one bmm, each tile with its class's weights
+        s = self._tiles(vectors.to(dtype)[src], tile_class, rows, member, n, self.weight1[tile_class],
+                        self.bias1[tile_class], self.weight2[tile_class], self.bias2[tile_class])
+        # each row's score to its vector; invalid vectors keep 0, padding rows go to the extra slot N
+        return s.new_zeros(N + 1).scatter(0, dest, s.view(G * T))[:N]
+
+    def per_class(self, vectors: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Scores of vectors already grouped by class, ``vectors`` [C, M, dim] (row c: class c), e.g.
+        the memory bank's C x psi slots: ``[C, M]``, 0 where ``valid`` [C, M] is False.
+
+        The same numbers as :meth:`forward` on the flattened vectors with class-major labels, in a
+        handful of operators: the rows are already the tiles, so there is no plan, padding or weight
+        gather. Invalid rows are computed (they must be finite, as a bank's empty slots are) and
+        left out of the BatchNorm statistics.
+        """
+        C, M = vectors.shape[:2] if vectors.dim() == 3 else (None, None)
+        if C != self.num_classes or vectors.shape[2] != self.dim or (valid is not None and valid.shape != (C, M)):
+            raise ValueError(f"expected vectors [{self.num_classes}, M, {self.dim}] and valid [C, M], got "
+                             f"{tuple(vectors.shape)} and {None if valid is None else tuple(valid.shape)}")
+        dtype = self.weight1.dtype
+        with torch.no_grad():
+            rows = vectors.new_ones(C, M, 1, dtype=dtype) if valid is None else valid.unsqueeze(2).to(dtype)
+            n = rows.sum((1, 2)).long()
+            classes = torch.arange(C, device=vectors.device)
+            member = torch.eye(C, device=vectors.device, dtype=dtype)
+        s = self._tiles(vectors.to(dtype), classes, rows, member, n, self.weight1, self.bias1, self.weight2,
+                        self.bias2)
+        return s.squeeze(2) if valid is None else s.squeeze(2) * valid
+
+    def _tiles(self, x, tile_class, rows, member, n, weight1, bias1, weight2, bias2):
+        """S_c on tiles ``x`` [G, T, dim] (tile g of class ``tile_class[g]``, its weights gathered per
+        tile): ``Linear -> BatchNorm (per class, SegmentBatchNorm) -> LeakyReLU -> Linear -> Sigmoid``,
+        ``[G, T, 1]``. ``n`` [C]: valid rows per class."""
         if torch.is_grad_enabled():  # for freeze_absent_classes
             self.used = (n > 0) if self.used is None else self.used | (n > 0)
-        x = vectors.to(dtype)
-        # Linear(dim, hidden): one bmm, each tile with its class's weights
-        h = torch.baddbmm(self.bias1[tile_class].unsqueeze(1), x[src], self.weight1[tile_class])  # [G, T, hidden]
+        G = x.shape[0]
+        h = torch.baddbmm(bias1.unsqueeze(1), x, weight1)  # [G, T, hidden]
         h = SegmentBatchNorm.apply(h, self.bn_weight, self.bn_bias, self.running_mean, self.running_var,
-                                   self.num_batches_tracked, tile_class, rows, member, n.to(dtype),
+                                   self.num_batches_tracked, tile_class, rows, member, n.to(x.dtype),
                                    self.training, self.momentum, self.eps, False)
-        # LeakyReLU -> Linear(hidden, 1) -> Sigmoid
-        s = torch.baddbmm(self.bias2[tile_class].view(G, 1, 1), F.leaky_relu(h), self.weight2[tile_class].unsqueeze(2))
-        # each row's score to its vector; invalid vectors keep 0, padding rows go to the extra slot N
-        return s.new_zeros(N + 1).scatter(0, dest, torch.sigmoid(s).view(G * T))[:N]
+        return torch.sigmoid(torch.baddbmm(bias2.view(G, 1, 1), F.leaky_relu(h), weight2.unsqueeze(2)))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
