@@ -479,7 +479,7 @@ def attention_part(device, classes=(11, 19, 21), size=64, psi=256, arch="effnet_
     return out
 
 
-def attention_losses_part(device, iterations=100, overrides=None):
+def attention_losses_part(device, iterations=100, overrides=None, dtype="float32"):
     """Issue #13: the loss terms of ``attention_impl`` batched and loop on the CamVid profile.
 
     ``free``: two runs from the same seed, side by side for ``iterations`` steps; their difference
@@ -488,6 +488,9 @@ def attention_losses_part(device, iterations=100, overrides=None):
     loss by 7e-4 two steps later). ``one_step``: at every iteration the batched trainer takes one step from the loop
     trainer's state (checkpoint format conversion included), the same RNG state and batch: the
     implementations' own difference, in the loss terms and in the weights after the step.
+    ``dtype="float64"`` runs both in float64 (weights, images, bank, losses): rounding then starts
+    about 1e-9 times smaller, so a free-running difference that stays small is rounding, not a
+    difference of the computations.
     """
     import copy
 
@@ -495,47 +498,54 @@ def attention_losses_part(device, iterations=100, overrides=None):
     settings = {"crop_size": [64, 64], "batch_labeled": 2, "batch_unlabeled": 2, "psi": 64, "phi": 0.5,
                 "warmup_frac": 0.0, "warmup_beta": 0.0, "channels_last": False, "iterations": max(iterations, 2),
                 **(overrides or {})}
-    runs = {}
-    for impl in ("loop", "batched"):
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, dtype))  # the trainers' weights and bank
+    try:
+        def trainers():
+            made = {}
+            for impl in ("loop", "batched"):
+                torch.manual_seed(0)
+                name, made[impl], batch = camvid_setting(device, overrides={**settings, "attention_impl": impl})
+
+            def typed(it):  # the images in the run's dtype
+                (x_l, *rest_l), (x_u, *rest_u) = batch(it)
+                return (x_l.to(torch.get_default_dtype()), *rest_l), (x_u.to(torch.get_default_dtype()), *rest_u)
+            return name, made["loop"], made["batched"], typed
+
+        name, loop, batched, batch = trainers()
+        free, one_step, contr = 0.0, 0.0, 0.0
         torch.manual_seed(0)
-        name, trainer, batch = camvid_setting(device, overrides={**settings, "attention_impl": impl})
-        runs[impl] = (trainer, batch)
-    loop, batch = runs["loop"]
-    batched = runs["batched"][0]
-    free, one_step, contr = 0.0, 0.0, 0.0
-    torch.manual_seed(0)
-    for it in range(iterations):
-        rng = torch.get_rng_state()
-        a = loop.step(*batch(it))
-        after = torch.get_rng_state()
-        torch.set_rng_state(rng)
-        b = batched.step(*batch(it))
-        torch.set_rng_state(after)
-        free = max([free] + [abs(a[k] - b[k]) for k in a])
-        contr = max(contr, a.get("contr", 0.0))
-    bank = int(loop.bank.count.sum())
-    # each step from the same state
-    torch.manual_seed(0)
-    name, loop, batch = camvid_setting(device, overrides={**settings, "attention_impl": "loop"})
-    torch.manual_seed(0)
-    _, batched, _ = camvid_setting(device, overrides={**settings, "attention_impl": "batched"})
-    weights = 0.0  # max |difference| of a weight or running statistic after the step, relative to its largest entry
-    for it in range(iterations):
-        state = copy.deepcopy(loop.state_dict())  # RNG state included
-        a = loop.step(*batch(it))
-        after = torch.get_rng_state()
-        batched.load_state_dict(state)
-        b = batched.step(*batch(it))
-        torch.set_rng_state(after)
-        one_step = max([one_step] + [abs(a[k] - b[k]) for k in a])
-        with torch.random.fork_rng(devices=[]):
-            same = copy.deepcopy(batched.student)
-        same.load_state_dict(loop.student.state_dict())  # per-class attention keys converted
-        mine = batched.student.state_dict()
-        for n, p in same.state_dict().items():  # parameters and BatchNorm running statistics
-            if p.is_floating_point():
-                weights = max(weights, float((mine[n] - p).abs().max() / p.abs().max().clamp(min=1e-12)))
-    return {"device": str(device), "setting": name, "iterations": iterations, "overrides": settings,
+        for it in range(iterations):
+            rng = torch.get_rng_state()
+            a = loop.step(*batch(it))
+            after = torch.get_rng_state()
+            torch.set_rng_state(rng)
+            b = batched.step(*batch(it))
+            torch.set_rng_state(after)
+            free = max([free] + [abs(a[k] - b[k]) for k in a])
+            contr = max(contr, a.get("contr", 0.0))
+        bank = int(loop.bank.count.sum())
+        # each step from the same state
+        name, loop, batched, batch = trainers()
+        weights = 0.0  # max |difference| of a weight or running statistic after the step, relative to its largest entry
+        for it in range(iterations):
+            state = copy.deepcopy(loop.state_dict())  # RNG state included
+            a = loop.step(*batch(it))
+            after = torch.get_rng_state()
+            batched.load_state_dict(state)
+            b = batched.step(*batch(it))
+            torch.set_rng_state(after)
+            one_step = max([one_step] + [abs(a[k] - b[k]) for k in a])
+            with torch.random.fork_rng(devices=[]):
+                same = copy.deepcopy(batched.student)
+            same.load_state_dict(loop.student.state_dict())  # per-class attention keys converted
+            mine = batched.student.state_dict()
+            for n, p in same.state_dict().items():  # parameters and BatchNorm running statistics
+                if p.is_floating_point():
+                    weights = max(weights, float((mine[n] - p).abs().max() / p.abs().max().clamp(min=1e-12)))
+    finally:
+        torch.set_default_dtype(default)
+    return {"device": str(device), "setting": name, "iterations": iterations, "dtype": dtype, "overrides": settings,
             "max_contr": contr, "bank_vectors_at_end": bank, "max_abs_loss_difference_free": free,
             "max_abs_loss_difference_one_step": one_step, "max_rel_weight_difference_one_step": weights}
 
@@ -585,7 +595,7 @@ def report(result):
                              f"batched {batched['module']['ops']:5d} (S_c: {batched['attention_ops']:5d})")
             lines.append(f"  batched count the same for every C: {part['batched_constant_in_C']}")
         if part["part"] == "attention_losses":
-            lines.append(f"  {part['iterations']} iterations, loss terms batched vs loop: max |difference| "
+            lines.append(f"  {part['iterations']} iterations in {part.get('dtype', 'float32')}, loss terms batched vs loop: max |difference| "
                          f"{part['max_abs_loss_difference_free']:.2e} side by side from one seed, "
                          f"{part['max_abs_loss_difference_one_step']:.2e} for one step from the same state (weights and "
                          f"BatchNorm statistics after it: max |difference| / max |value| "
@@ -626,6 +636,8 @@ def main(argv=None):
     parser.add_argument("--attention-size", type=int, default=64, help="crop size of the attention part")
     parser.add_argument("--attention-psi", type=int, default=256, help="bank size per class of the attention part")
     parser.add_argument("--loss-iterations", type=int, default=100, help="iterations of the attention_losses part")
+    parser.add_argument("--loss-dtype", default="float32", choices=["float32", "float64"],
+                        help="dtype of the attention_losses part's two runs")
     parser.add_argument("--out", default=None, help="JSON output (default book/results/bench/<device>.json)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -661,7 +673,8 @@ def main(argv=None):
             result["parts"].append({"part": "attention", **attention_part(device, args.attention_classes,
                                                                            args.attention_size, args.attention_psi)})
         elif part == "attention_losses":
-            result["parts"].append({"part": "attention_losses", **attention_losses_part(device, args.loss_iterations)})
+            result["parts"].append({"part": "attention_losses", **attention_losses_part(device, args.loss_iterations,
+                                                                                         dtype=args.loss_dtype)})
         elif part == "throughput":
             from .throughput import throughput_part
 

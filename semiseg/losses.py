@@ -8,6 +8,12 @@ import torch
 import torch.nn.functional as F
 
 
+def fp32_or_wider(t):
+    """``t`` in fp32, or as it is when wider (fp64): losses are computed in fp32 under bf16 autocast,
+    and a float64 run (a numerics check, ``semiseg.bench --parts attention_losses``) stays float64."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def class_histogram(labels, num_bins):
     """Counts of each value 0..num_bins-1 in ``labels`` (int64), computed on the labels' device.
 
@@ -29,7 +35,7 @@ def weighted_cross_entropy(logits, target, class_weights=None, pixel_weights=Non
     """
     valid = target != ignore_index
     safe_target = torch.where(valid, target, torch.zeros_like(target))
-    log_probs = F.log_softmax(logits.float(), dim=1)
+    log_probs = F.log_softmax(fp32_or_wider(logits), dim=1)
     nll = -log_probs.gather(1, safe_target.unsqueeze(1)).squeeze(1)  # [B, H, W]
     weights = valid.to(nll.dtype)
     if class_weights is not None:
@@ -64,7 +70,7 @@ def entropy_loss(logits):
     probability underflows to 0 (a logit gap above ~100, which bf16 training reached on CamVid at
     iteration 85), ``p log p`` has the finite gradient it should instead of 0 * inf = NaN.
     """
-    logits = logits.float()
+    logits = fp32_or_wider(logits)
     # Eq. (7)
     return -(F.softmax(logits, dim=1) * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
 
@@ -145,11 +151,12 @@ def _contrastive_loss(pred, labels, memory, pred_scores, memory_scores, num_clas
     w_mem = mem_scores * (n_mem / mem_scores.sum(1).clamp(min=1e-12))[:, None]
 
     # Eq. (9) cosine = dot product of unit vectors; weighted class means of eq. (10)-(11)
-    pred_sum = _WeightedUnitSum.apply(pred.float(), w_pred.float(), labels, num_classes + 1)
+    pred = fp32_or_wider(pred)
+    pred_sum = _WeightedUnitSum.apply(pred, w_pred.to(pred.dtype), labels, num_classes + 1)
     n_pred = class_histogram(labels, num_classes + 1)[:num_classes].to(pred_sum.dtype)
     pred_mean = pred_sum[:num_classes] / n_pred.clamp(min=1)[:, None]
     # memory side as a batched matmul [C, 1, psi] @ [C, psi, D]: no C x psi x D temporary
-    memory = memory.detach().float()
+    memory = fp32_or_wider(memory.detach())
     mem_coef = w_mem / memory.norm(dim=2).clamp(min=1e-12)
     mem_mean = torch.bmm(mem_coef.unsqueeze(1), memory).squeeze(1) / n_mem.clamp(min=1)[:, None]
     present = (n_pred > 0) & (n_mem > 0)

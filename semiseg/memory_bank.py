@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .losses import class_histogram
+from .losses import class_histogram, fp32_or_wider
 
 
 def feature_quality_filter(teacher_logits, labels, phi, ignore_index=255):
@@ -24,7 +24,7 @@ def feature_quality_filter(teacher_logits, labels, phi, ignore_index=255):
     ``teacher_logits`` [B, C, h, w] at feature resolution, ``labels`` [B, h, w]; returns a bool
     mask [B, h, w].
     """
-    conf, pred = F.softmax(teacher_logits.float(), dim=1).max(dim=1)
+    conf, pred = F.softmax(fp32_or_wider(teacher_logits), dim=1).max(dim=1)
     return (pred == labels) & (conf > phi) & (labels != ignore_index)
 
 

@@ -34,6 +34,7 @@ from .data.augment import STRONG, WEAK, augment
 from .data.sampling import Batches, seeded
 from .data.sets import build_eval_dataset, build_train_data, eval_splits  # noqa: F401 (re-exported)
 from .evaluate import evaluate
+from .losses import fp32_or_wider
 from .memory_bank import ClassMemoryBank, bank_quota, feature_quality_filter
 from .models import build_model
 from .models.heads import freeze_absent_classes
@@ -105,7 +106,8 @@ class Trainer:
                                          weight_decay=cfg.weight_decay)
         for group in self.optimizer.param_groups:
             group["initial_lr"] = group["lr"]
-        self.bank = ClassMemoryBank(num_classes, cfg.psi, self.student.head_dim, device=self.device)
+        self.bank = ClassMemoryBank(num_classes, cfg.psi, self.student.head_dim, device=self.device,
+                                     dtype=torch.get_default_dtype())
         self.quota = bank_quota(cfg.psi, num_labeled)
         self.class_counts = torch.zeros(num_classes, dtype=torch.float64, device=self.device)
         self.iteration = 0
@@ -150,13 +152,13 @@ class Trainer:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16"):
             logits, feats = self.compiled.get(id(net), net)(x)
-        return logits.float(), feats.float()
+        return fp32_or_wider(logits), fp32_or_wider(feats)
 
     @torch.no_grad()
     def pseudo_labels(self, x_u):
         """Eq. (5): teacher predictions on the un-augmented unlabeled images -> (labels, confidence)."""
         logits, _ = self.forward(self.teacher, x_u)
-        probs = F.softmax(F.interpolate(logits.float(), size=x_u.shape[-2:], mode="bilinear", align_corners=False), 1)
+        probs = F.softmax(F.interpolate(fp32_or_wider(logits), size=x_u.shape[-2:], mode="bilinear", align_corners=False), 1)
         conf, pseudo = probs.max(1)
         return pseudo, conf
 
@@ -240,7 +242,7 @@ class Trainer:
         """The student's forward pass and the terms of eq. (1) -> (terms, feats)."""
         cfg = self.cfg
         logits, feats = self.forward(self.student, inputs)
-        logits_up = F.interpolate(logits.float(), size=inputs.shape[-2:], mode="bilinear", align_corners=False)
+        logits_up = F.interpolate(fp32_or_wider(logits), size=inputs.shape[-2:], mode="bilinear", align_corners=False)
         alpha = self.alpha()
         terms = {}
         # Eq. (4)

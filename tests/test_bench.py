@@ -45,3 +45,12 @@ def test_attention_part_counts_operators_constant_in_the_class_count(tmp_path, c
         assert counts[C]["batched"]["module"]["ops"] < counts[C]["loop"]["module"]["ops"]
         assert 0 < counts[C]["batched"]["attention_ops"] < counts[C]["loop"]["attention_ops"]
     assert "batched / loop operators (C=19)" in capsys.readouterr().out
+
+
+def test_attention_losses_in_float64_restores_the_default_dtype():
+    """Issue #13's loss comparison in float64: both paths run in float64, one step from the same
+    state agrees to float64 rounding, and the default dtype is float32 again afterwards."""
+    part = bench.attention_losses_part(torch.device("cpu"), iterations=2, dtype="float64")
+    assert part["dtype"] == "float64" and torch.get_default_dtype() == torch.float32
+    assert part["max_abs_loss_difference_one_step"] < 1e-12
+    assert part["max_rel_weight_difference_one_step"] < 1e-12
