@@ -198,7 +198,7 @@ profiles = {
 fig, axes = plt.subplots(1, 2, figsize=(11, 3.3))
 lambda_curves = {}
 for ax, (name, prof) in zip(axes, profiles.items()):
-    warm = round(prof.warmup_frac * prof.iterations)
+    warm = prof.warmup_iterations
     its = np.arange(0, 3 * warm)
     curves = {
         k: np.array([lambdas_at(prof, int(i))[k] for i in its])
@@ -246,7 +246,7 @@ for i, b in enumerate(betas_seen):
     gate.iteration = i
     Trainer.end_warmup(gate, float(b))
 print(
-    f"fixed part: {round(gate_cfg.warmup_frac * gate_cfg.iterations)} iterations; "
+    f"fixed part: {gate_cfg.warmup_iterations} iterations; "
     f"the gate opened at iteration {gate.warmup_end} "
     f"(running mean of beta {gate.teacher_beta:.3f} at the end)"
 )
@@ -468,7 +468,7 @@ assert set(names) == {"sup", "pseudo", "ent", "contr"}
 
 # warm-up: lambda_pseudo = lambda_contr = 0 for the first 2K of 150K, then 1 and 0.1
 paper = profiles["paper (Cityscapes DLv2)"]
-assert round(paper.warmup_frac * paper.iterations) == 2000
+assert paper.warmup_iterations == 2000
 for i in (0, 1, 1999):
     assert lambdas_at(paper, i) == {
         "sup": 1.0,

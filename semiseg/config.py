@@ -93,6 +93,11 @@ class Config:
     sync_bn: bool = False             # torchrun with several CUDA processes: SyncBatchNorm in the network
     out_dir: str | None = None        # default: runs/<dataset>/<ratio>/split<k>/<variant>/seed<k>
 
+    @property
+    def warmup_iterations(self) -> int:
+        """The fixed part of the warm-up (§4.2): ``warmup_frac`` of the schedule, 2K of 150K in the paper."""
+        return round(self.warmup_frac * self.iterations)
+
     def run_dir(self) -> Path:
         if self.out_dir:
             return Path(self.out_dir)

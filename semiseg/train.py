@@ -66,7 +66,7 @@ def loss_weights(cfg, iteration, warmup_end=None):
     """The λ's of eq. (1) at ``iteration``. §4.2: λ_pseudo = λ_contr = 0 during the warm-up, which
     ends at ``warmup_end``; by default at its fixed part, ``warmup_frac`` of the schedule (2K of
     150K iterations in the paper). :meth:`Trainer.end_warmup` can make it end later."""
-    end = round(cfg.warmup_frac * cfg.iterations) if warmup_end is None else warmup_end
+    end = cfg.warmup_iterations if warmup_end is None else warmup_end
     warm = iteration < end
     return {"sup": cfg.lambda_sup, "pseudo": 0.0 if warm else cfg.lambda_pseudo,
             "ent": cfg.lambda_ent, "contr": 0.0 if warm else cfg.lambda_contr}
@@ -112,9 +112,8 @@ class Trainer:
         self.class_counts = torch.zeros(num_classes, dtype=torch.float64, device=self.device)
         self.iteration = 0
         self.teacher_beta = None  # running mean of the teacher's pixel weight beta (the warm-up's gate)
-        fixed = round(cfg.warmup_frac * cfg.iterations)
         # the iteration at which L_pseudo and L_contr switch on (None: not known yet, see end_warmup)
-        self.warmup_end = None if cfg.warmup_beta else fixed
+        self.warmup_end = None if cfg.warmup_beta else cfg.warmup_iterations
 
     # λ weights of eq. (1), with the warm-up of §4.2 (not ended while warmup_end is None)
     def lambdas(self):
@@ -133,7 +132,7 @@ class Trainer:
         cfg = self.cfg
         if beta is not None:
             self.teacher_beta = beta if self.teacher_beta is None else 0.9 * self.teacher_beta + 0.1 * beta
-        if self.warmup_end is not None or self.iteration + 1 < round(cfg.warmup_frac * cfg.iterations):
+        if self.warmup_end is not None or self.iteration + 1 < cfg.warmup_iterations:
             return
         if not cfg.warmup_beta or (self.teacher_beta or 0.0) >= cfg.warmup_beta:
             self.warmup_end = self.iteration + 1
@@ -191,8 +190,9 @@ class Trainer:
         if semi:
             x_u, *y_u = self.to_device(unlabeled[:2])  # true labels, where given, for the log only
             pseudo, conf = self.pseudo_labels(x_u)
-            stats = self.pseudo_stats(pseudo, conf, y_u[0]) if y_u else {}
-            stats["teacher_beta"] = (conf ** cfg.sharpen).mean()  # all unlabeled pixels: the warm-up's gate
+            beta = conf ** cfg.sharpen  # §4.2's pixel weights of the unlabeled images (before augmentation)
+            stats = self.pseudo_stats(pseudo, beta, y_u[0]) if y_u else {}
+            stats["teacher_beta"] = beta.mean()  # all unlabeled pixels: the warm-up's gate
             class_counts = class_counts + losses.class_histogram(pseudo, self.C)
             # Eq. (6)-(7): A strong views; their geometry is applied to pseudo-labels and confidences too
             views = [augment(x_u, pseudo, conf, STRONG, self.generators(2 + a, x_u.shape[0])) for a in range(cfg.num_views)]
@@ -226,14 +226,13 @@ class Trainer:
         return {**{k: values[k] for k in terms}, "loss": values["loss"], **{k: values[k] for k in stats}}
 
     @torch.no_grad()
-    def pseudo_stats(self, pseudo, conf, labels):
+    def pseudo_stats(self, pseudo, beta, labels):
         """Diagnostics of eq. (5)'s pseudo-labels against the true labels of the unlabeled images
         (read for the log only, never for training): ``pseudo_acc`` (pixel accuracy),
-        ``pseudo_beta`` (mean pixel weight beta = confidence ** s of L_pseudo) and
+        ``pseudo_beta`` (mean pixel weight ``beta`` = confidence ** s of L_pseudo, given) and
         ``pseudo_acc_beta`` (accuracy weighted by beta)."""
         valid = (labels != 255).float()
         correct = (pseudo == labels).float() * valid
-        beta = conf ** self.cfg.sharpen
         n = valid.sum().clamp(min=1)
         return {"pseudo_acc": correct.sum() / n, "pseudo_beta": (beta * valid).sum() / n,
                 "pseudo_acc_beta": (beta * correct).sum() / (beta * valid).sum().clamp(min=1e-12)}
@@ -343,7 +342,7 @@ class Trainer:
         self.bank.load_state_dict(state["bank"])
         self.class_counts = state["class_counts"].to(self.device)
         self.iteration = state["iteration"]
-        fixed = round(self.cfg.warmup_frac * self.cfg.iterations)  # checkpoints from before the gate
+        fixed = self.cfg.warmup_iterations  # checkpoints from before the gate
         self.teacher_beta = state.get("teacher_beta")
         self.warmup_end = state.get("warmup_end", fixed if self.iteration >= fixed or not self.cfg.warmup_beta else None)
         if "rng" in state:

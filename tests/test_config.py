@@ -16,7 +16,7 @@ def test_paper_defaults_of_section_4_2():
     assert (cfg.lambda_sup, cfg.lambda_pseudo, cfg.lambda_ent, cfg.lambda_contr) == (1.0, 1.0, 0.01, 0.1)
     assert (cfg.phi, cfg.psi, cfg.sharpen, cfg.num_views, cfg.momentum) == (0.95, 256, 6.0, 2, 0.9)
     assert (cfg.tau_start, cfg.tau_end, cfg.iterations, cfg.lr, cfg.batch_labeled) == (0.995, 1.0, 150000, 2e-4, 5)
-    assert round(cfg.warmup_frac * cfg.iterations) == 2000
+    assert round(cfg.warmup_frac * cfg.iterations) == 2000 == cfg.warmup_iterations
     assert load_config("paper_voc_dlv2").class_balance is False
     dlv3 = load_config("paper_cityscapes_dlv3p")  # inherits through `base:`
     assert (dlv3.arch, dlv3.lr, dlv3.batch_labeled, dlv3.dataset) == ("deeplabv3p_r50", 4e-4, 7, "cityscapes")

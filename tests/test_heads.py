@@ -10,21 +10,11 @@ from semiseg.models import MLPHead, build_model
 from semiseg.models.heads import ClassAttention, SegmentBatchNorm, freeze_absent_classes
 from semiseg.reference import ClassAttentionLoop, use_loop_attention
 
+from conftest import randomised_attention
+
 
 def _pair(C, D, hidden=None, seed=0):
-    """A randomised per-class reference and the batched module loaded from its (old-format) state dict."""
-    torch.manual_seed(seed)
-    loop = ClassAttentionLoop(C, D, hidden or D)
-    with torch.no_grad():
-        for mod in loop.modules_per_class:
-            mod.bn.running_mean.uniform_(-0.5, 0.5)
-            mod.bn.running_var.uniform_(0.5, 2)
-            mod.bn.weight.uniform_(0.5, 2)
-            mod.bn.bias.uniform_(-1, 1)
-            mod.fc2.weight.mul_(3)
-    att = ClassAttention(C, D, hidden or D)
-    att.load_state_dict(loop.state_dict())
-    return att, loop
+    return randomised_attention(C, D, hidden, seed)
 
 
 def _stacked_grads(loop, C):

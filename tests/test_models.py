@@ -11,7 +11,8 @@ from semiseg.models import deeplab as deeplab_mod
 from semiseg.models.efficientnet_lite import (EFFNET_LITE_MEAN, EFFNET_LITE_STD,
                                               EfficientNetLite0,
                                               efficientnet_lite0_weights_path)
-from semiseg.reference import ClassAttentionLoop
+
+from conftest import randomised_attention
 
 torch.set_num_threads(2)
 ARCH_NAMES = ["effnet_lite0_dlv3p", "deeplabv2_r101", "deeplabv3p_r50"]
@@ -278,26 +279,9 @@ def _manual_attention(loop, vecs, labels, batch_stats):
     return out
 
 
-def _randomised(num_classes, dim, hidden=256):
-    """(ClassAttention, the per-class reference with the same weights): non-trivial weights and
-    running statistics, so every part of S_c shows in its output. The batched module gets them
-    through an old-format (per-class) state dict."""
-    loop = ClassAttentionLoop(num_classes, dim, hidden)
-    with torch.no_grad():
-        for mod in loop.modules_per_class:
-            mod.bn.running_mean.uniform_(-1, 1)
-            mod.bn.running_var.uniform_(0.5, 2)
-            mod.bn.weight.uniform_(0.5, 2)
-            mod.bn.bias.uniform_(-1, 1)
-            mod.fc2.weight.mul_(5)
-    att = ClassAttention(num_classes, dim, hidden)
-    att.load_state_dict(loop.state_dict())
-    return att, loop
-
-
 def test_class_attention_matches_per_vector_loop_eval():
     torch.manual_seed(0)
-    att, loop = _randomised(4, dim=16, hidden=8)
+    att, loop = randomised_attention(4, dim=16, hidden=8)
     att.eval(), loop.eval()
     vecs = torch.randn(30, 16)
     labels = torch.tensor([3, 0, 0, 2, 3, 3] * 5)
@@ -325,7 +309,7 @@ def test_class_attention_matches_per_vector_loop_eval():
 
 def test_class_attention_train_mode_per_class_batches():
     torch.manual_seed(0)
-    att, loop = _randomised(3, dim=8, hidden=8)
+    att, loop = randomised_attention(3, dim=8, hidden=8)
     att.train()
     vecs = torch.randn(12, 8)
     labels = torch.tensor([2, 0, 2, 2, 0, 1, 0, 2, 0, 0, 2, 2])  # class 1: single vector
@@ -362,7 +346,7 @@ def test_class_attention_train_mode_per_class_batches():
 
 def test_class_attention_single_vector_and_empty():
     torch.manual_seed(0)
-    att, loop = _randomised(5, dim=8)
+    att, loop = randomised_attention(5, dim=8, hidden=256)
     att.train()
     v = torch.randn(1, 8)
     running = att.running_mean[4].clone()

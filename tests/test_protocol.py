@@ -64,7 +64,7 @@ def test_pseudo_stats_measure_agreement_with_true_labels():
     trainer = Trainer(load_config("smoke"), 4, 12, "cpu")
     labels = torch.tensor([[[0, 1], [2, 255]]])
     conf = torch.tensor([[[1.0, 0.5], [1.0, 1.0]]])
-    stats = trainer.pseudo_stats(torch.tensor([[[0, 1], [3, 3]]]), conf, labels)
+    stats = trainer.pseudo_stats(torch.tensor([[[0, 1], [3, 3]]]), conf ** trainer.cfg.sharpen, labels)
     assert stats["pseudo_acc"] == pytest.approx(2 / 3)
     assert stats["pseudo_beta"] == pytest.approx((1 + 0.5 ** 6 + 1) / 3)
     assert stats["pseudo_acc_beta"] == pytest.approx((1 + 0.5 ** 6) / (2 + 0.5 ** 6))
