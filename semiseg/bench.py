@@ -80,9 +80,20 @@ def timed(fn, device, reps, warmup=1):
     return statistics.median(times)
 
 
+def grouped_mm_flops(a_shape, b_shape, *args, **kwargs):
+    """FLOPs of ``torch._grouped_mm`` (``torch.utils.flop_counter`` has no formula for it): every row
+    of ``a`` meets one group's matrix. [M, K] x [G, K, N] (forward, grad of a): 2 M K N;
+    [K, M] x [M, N] (grad of the group matrices, M split in groups): 2 K M N; [G, M, K] x [G, K, N]: 2 G M K N."""
+    if len(a_shape) == 2:
+        return 2 * a_shape[0] * a_shape[1] * b_shape[-1]
+    return 2 * a_shape[0] * a_shape[1] * a_shape[2] * b_shape[-1]
+
+
 def flops(fn):
-    """FLOPs of ``fn()`` as ``torch.utils.flop_counter`` counts them (matmuls and convolutions)."""
-    with FlopCounterMode(display=False) as counter:
+    """FLOPs of ``fn()`` as ``torch.utils.flop_counter`` counts them (matmuls and convolutions), with
+    :func:`grouped_mm_flops` for ``torch._grouped_mm`` (the class-wise attention's first Linear on the CPU)."""
+    mapping = {torch.ops.aten._grouped_mm: grouped_mm_flops} if hasattr(torch.ops.aten, "_grouped_mm") else {}
+    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
         fn()
     return counter.get_total_flops()
 

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from semiseg import bench
@@ -54,3 +55,20 @@ def test_attention_losses_in_float64_restores_the_default_dtype():
     assert part["dtype"] == "float64" and torch.get_default_dtype() == torch.float32
     assert part["max_abs_loss_difference_one_step"] < 1e-12
     assert part["max_rel_weight_difference_one_step"] < 1e-12
+
+
+def test_flops_count_grouped_mm_like_the_per_tile_bmm(monkeypatch):
+    """The bench's FLOP count of S_c is the same whether its first Linear runs as torch._grouped_mm
+    (no formula in torch.utils.flop_counter: bench.grouped_mm_flops) or as per-tile bmm."""
+    from semiseg.models.heads import ClassAttention, grouped_mm_available
+
+    if not grouped_mm_available("cpu", torch.float32):
+        pytest.skip("this torch has no torch._grouped_mm on the CPU")
+    torch.manual_seed(0)
+    att = ClassAttention(5, 32, 32).train()
+    x, labels = torch.randn(300, 32, requires_grad=True), torch.randint(0, 5, (300,))
+    counted = {}
+    for grouped in (True, False):
+        monkeypatch.setattr(ClassAttention, "grouped_mm", grouped)
+        counted[grouped] = bench.flops(lambda: att(x, labels).sum().backward())
+    assert counted[True] == counted[False] > 3 * 2 * 300 * 32 * 32

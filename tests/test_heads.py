@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from semiseg.models import MLPHead, build_model
-from semiseg.models.heads import ClassAttention, SegmentBatchNorm, freeze_absent_classes
+from semiseg.models.heads import ClassAttention, SegmentBatchNorm, freeze_absent_classes, grouped_mm_available
 from semiseg.reference import ClassAttentionLoop, use_loop_attention
 
 from conftest import randomised_attention
@@ -78,10 +78,20 @@ def _compare(C, N, D, training, seed=0, invalid=0.0):
     return att, loop
 
 
+def _linears(monkeypatch, grouped):
+    """The Linears of S_c by torch._grouped_mm (skipped where this torch lacks it) or per-tile bmm."""
+    if grouped and not grouped_mm_available("cpu", torch.float32):
+        pytest.skip("this torch has no torch._grouped_mm on the CPU")
+    monkeypatch.setattr(ClassAttention, "grouped_mm", grouped)
+
+
+@pytest.mark.parametrize("grouped", [True, False], ids=["grouped_mm", "bmm"])
 @pytest.mark.parametrize("training", [True, False])
-def test_batched_equals_per_class_loop(training):
+def test_batched_equals_per_class_loop(training, grouped, monkeypatch):
     """Values, input and parameter gradients and updated running statistics at C = 19, D = 256,
-    with a one-vector class, an absent class and ignore-label vectors marked invalid."""
+    with a one-vector class, an absent class and ignore-label vectors marked invalid; the Linears
+    by torch._grouped_mm and by per-tile weights."""
+    _linears(monkeypatch, grouped)
     att, _ = _compare(19, 6000, 256, training, invalid=0.1)
     if training:  # the lone vector used the running statistics and left them; the absent class is untouched
         assert att.num_batches_tracked.tolist() == [1] * 17 + [0, 0]
@@ -93,8 +103,10 @@ def test_batched_equals_per_class_loop_at_paper_size():
     _compare(19, 38_000, 256, True, seed=3)
 
 
-def test_invalid_vectors_are_never_read():
+@pytest.mark.parametrize("grouped", [True, False], ids=["grouped_mm", "bmm"])
+def test_invalid_vectors_are_never_read(grouped, monkeypatch):
     """Invalid vectors may hold anything (here NaN): scores 0, gradient 0, statistics unchanged."""
+    _linears(monkeypatch, grouped)
     att, loop = _pair(5, 16, seed=4)
     att.train(), loop.train()
     g = torch.Generator().manual_seed(5)
@@ -145,18 +157,32 @@ def test_per_class_layout_equals_the_flat_call(training):
         att.per_class(vectors[:5], valid[:5])
 
 
-def test_batched_operators_do_not_depend_on_the_class_count():
-    """The same sequence of operators for C = 3 and C = 11 (the loop's grows with C)."""
+@pytest.mark.parametrize("grouped", [True, False], ids=["grouped_mm", "bmm"])
+def test_batched_operators_do_not_depend_on_the_class_count(grouped, monkeypatch):
+    """The same sequence of operators called from Python and autograd for C = 3 and C = 11 (the
+    loop's grows with C). With per-tile weights even the operators they call inside are the same;
+    the CPU's ``_grouped_mm`` runs one ``mm`` per class inside itself."""
     from torch.profiler import ProfilerActivity, profile
 
-    def names(C):
+    _linears(monkeypatch, grouped)
+
+    def outermost(e):
+        while (e := e.cpu_parent) is not None:
+            if e.name.startswith("aten::"):
+                return False
+        return True
+
+    def names(C, nested):
         att = ClassAttention(C, 8, 8).train()
         x, labels = torch.randn(200, 8), torch.arange(200) % C
+        att(x, labels).sum().backward()  # once first: the grouped_mm probe
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             att(x, labels).sum().backward()
-        return [e.name for e in prof.events() if e.name.startswith("aten::")]
+        return [e.name for e in prof.events() if e.name.startswith("aten::") and (nested or outermost(e))]
 
-    assert names(3) == names(11)
+    assert names(3, False) == names(11, False)
+    if not grouped:
+        assert names(3, True) == names(11, True)
 
 
 def test_same_initial_weights_as_separate_modules():

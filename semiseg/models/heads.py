@@ -135,6 +135,30 @@ class MLPHead(nn.Module):
         return self.net(x)
 
 
+_GROUPED_MM = {}
+
+
+def grouped_mm_available(device, dtype) -> bool:
+    """Whether :class:`ClassAttention` uses ``torch._grouped_mm`` (one matrix product per contiguous row
+    group, with its autograd) on ``device`` in ``dtype``: on the CPU where this torch runs it (torch
+    2.14 does in fp32; probed once per dtype on a tiny input). Not on CUDA yet: torch's CUDA kernel
+    takes bf16 only in some versions, and its fallback reads the group offsets on the host (a sync
+    per group), which no GPU run here has measured; CUDA keeps the per-tile weights."""
+    key = (torch.device(device).type, dtype)
+    if key not in _GROUPED_MM:
+        ok = hasattr(torch, "_grouped_mm") and key[0] == "cpu"
+        if ok:
+            try:
+                a = torch.zeros(4, 8, device=device, dtype=dtype, requires_grad=True)
+                b = torch.zeros(2, 8, 8, device=device, dtype=dtype, requires_grad=True)
+                out = torch._grouped_mm(a, b, offs=torch.tensor([2, 4], device=device, dtype=torch.int32))
+                torch.autograd.grad(out, [a, b], torch.ones_like(out))
+            except (RuntimeError, NotImplementedError, TypeError):
+                ok = False
+        _GROUPED_MM[key] = ok
+    return _GROUPED_MM[key]
+
+
 # per-class parameter / buffer names of the C separate modules of old checkpoints (and of
 # semiseg.reference.ClassAttentionLoop) -> (stacked name, per-class tensor -> its stacked row)
 PER_CLASS_KEYS = {
@@ -165,15 +189,16 @@ class ClassAttention(nn.Module):
     The computation has static shapes, a number of operators that does not depend on C, and no
     host synchronisation: a stable sort by label; each class's segment placed at an offset that
     is a multiple of the tile size T (offsets from an on-device cumsum), in a buffer of
-    (ceil(N/T) + C) tiles; one weight matrix gathered per tile and ``torch.bmm`` for the first
-    Linear; BatchNorm per class (:class:`SegmentBatchNorm`: batch statistics per class segment
+    (ceil(N/T) + C) tiles; the first Linear as one ``torch._grouped_mm`` over the tiles (each
+    class's rows by its own weight matrix) where this torch has it for the device and dtype
+    (:func:`grouped_mm_available`, :attr:`grouped_mm`), else one weight matrix gathered per tile
+    and ``torch.bmm``; BatchNorm per class (:class:`SegmentBatchNorm`: batch statistics per class segment
     in training, the running ones for a one-vector class and in eval, exactly as C separate
     ``nn.BatchNorm1d`` called on their own segments); the second Linear as a per-tile ``bmm``.
     Every vector is computed once, by its own class's weights -- no C x arithmetic; the padding
     adds at most (C + 1) T rows, and T (16 to 128) is chosen from N / C to keep it to about a
-    quarter of N or less. The gathered per-tile weights take G x dim x hidden floats (about 80 MB
-    at N = 38K, D = 256). (``torch._grouped_mm`` would avoid those copies on recent CUDA GPUs; it
-    cannot be tested on the CPU, so it is not used.) Invalid vectors are never read (padding rows
+    quarter of N or less. Without ``_grouped_mm`` the gathered per-tile weights take
+    G x dim x hidden floats (about 80 MB at N = 38K, D = 256). Invalid vectors are never read (padding rows
     repeat a valid vector of their class). Labels of valid vectors outside [0, C) fail a device-side
     check (``RuntimeError`` on the CPU; a CUDA device assert), not a host check, which would wait.
     Empty input returns an empty tensor. Vectors already grouped by class (the bank's C x psi slots)
@@ -187,6 +212,7 @@ class ClassAttention(nn.Module):
     """
 
     tile_max = 128
+    grouped_mm = None  # None: torch._grouped_mm where available; False: per-tile weights and bmm (tests set it)
 
     def __init__(self, num_classes: int, dim: int = 256, hidden: int = 256):
         super().__init__()
@@ -250,9 +276,14 @@ class ClassAttention(nn.Module):
             dest = torch.where(real, src, N).view(-1)  # where each row's score goes; N: nowhere
             rows = real.unsqueeze(2).to(dtype)  # [G, T, 1]
             member = segment_member(tile_class, C, dtype)
-        # Linear(dim, hidden) as one bmm, each tile with its class's weights
-        s = self._tiles(vectors.to(dtype)[src], tile_class, rows, member, n, self.weight1[tile_class],
-                        self.bias1[tile_class], self.weight2[tile_class], self.bias2[tile_class])
+        grouped = self.grouped_mm if self.grouped_mm is not None else grouped_mm_available(dev, dtype)
+        if grouped:  # class c's tiles end at row tile_end[c] T; the spare tiles at the end go with class C - 1
+            with torch.no_grad():
+                offs = torch.cat([tile_end[:-1] * T, tile_end.new_full((1,), G * T)]).to(torch.int32)
+            s = self._tiles(vectors.to(dtype)[src], tile_class, rows, member, n, offs=offs)
+        else:  # Linear(dim, hidden) as one bmm, each tile with its class's weights
+            s = self._tiles(vectors.to(dtype)[src], tile_class, rows, member, n, self.weight1[tile_class],
+                            self.bias1[tile_class], self.weight2[tile_class], self.bias2[tile_class])
         # each row's score to its vector; invalid vectors keep 0, padding rows go to the extra slot N
         return s.new_zeros(N + 1).scatter(0, dest, s.view(G * T))[:N]
 
@@ -279,17 +310,26 @@ class ClassAttention(nn.Module):
                         self.bias2)
         return s.squeeze(2) if valid is None else s.squeeze(2) * valid
 
-    def _tiles(self, x, tile_class, rows, member, n, weight1, bias1, weight2, bias2):
-        """S_c on tiles ``x`` [G, T, dim] (tile g of class ``tile_class[g]``, its weights gathered per
-        tile): ``Linear -> BatchNorm (per class, SegmentBatchNorm) -> LeakyReLU -> Linear -> Sigmoid``,
-        ``[G, T, 1]``. ``n`` [C]: valid rows per class."""
+    def _tiles(self, x, tile_class, rows, member, n, weight1=None, bias1=None, weight2=None, bias2=None, offs=None):
+        """S_c on tiles ``x`` [G, T, dim] (tile g of class ``tile_class[g]``): ``Linear -> BatchNorm (per
+        class, SegmentBatchNorm) -> LeakyReLU -> Linear -> Sigmoid``, ``[G, T, 1]``. ``n`` [C]: valid rows
+        per class. The first Linear uses either the weights gathered per tile (``weight1`` [G, dim, hidden]),
+        or, with ``offs`` [C] (int32, where each class's rows end), ``torch._grouped_mm`` on the stacked
+        ones; the second (to one output, which ``_grouped_mm``'s 16-byte strides exclude) is a per-tile
+        ``bmm`` with ``weight2`` [G, hidden] gathered per tile (given, or gathered here)."""
         if torch.is_grad_enabled():  # for freeze_absent_classes
             self.used = (n > 0) if self.used is None else self.used | (n > 0)
-        G = x.shape[0]
-        h = torch.baddbmm(bias1.unsqueeze(1), x, weight1)  # [G, T, hidden]
+        G, T = x.shape[:2]
+        if offs is None:
+            h = torch.baddbmm(bias1.unsqueeze(1), x, weight1)  # [G, T, hidden]
+        else:
+            h = torch._grouped_mm(x.reshape(G * T, -1), self.weight1, offs=offs).view(G, T, -1)
+            h = h + self.bias1[tile_class].unsqueeze(1)
         h = SegmentBatchNorm.apply(h, self.bn_weight, self.bn_bias, self.running_mean, self.running_var,
                                    self.num_batches_tracked, tile_class, rows, member, n.to(x.dtype),
                                    self.training, self.momentum, self.eps, False)
+        if weight2 is None:  # [G, hidden]: small, gathered per tile in both cases
+            weight2, bias2 = self.weight2[tile_class], self.bias2[tile_class]
         return torch.sigmoid(torch.baddbmm(bias2.view(G, 1, 1), F.leaky_relu(h), weight2.unsqueeze(2)))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
