@@ -83,3 +83,11 @@ def test_unlabeled_signals_read_from_the_log(tmp_path):
                  "beta_end": 0.03, "bank_classes_end": 3, "classes": 3}
     assert results.unlabeled_signals({**run, "warmup_end": 60})["warmup_end"] == 60  # the gate's, when recorded
     assert results.unlabeled_signals(run, beta_level=0.1)["beta_reached"] is None
+
+
+def test_grid_runs_leave_out_the_domain_adaptation_demo(tmp_path):
+    """The DA demo shares the grid's profile and dataset; its runs never enter the grid's tables."""
+    from semiseg import results
+
+    runs = _grid(tmp_path, {("1/16", "full"): [41.0], ("1/4", "da_full"): [43.0], ("1/4", "da_target_only"): [42.0]})
+    assert [(r["ratio"], r["variant"]) for r in results.grid_runs(runs)] == [("1/16", "full")]
