@@ -523,16 +523,22 @@ def attention_losses_part(device, iterations=100, overrides=None, dtype="float32
                 return (x_l.to(torch.get_default_dtype()), *rest_l), (x_u.to(torch.get_default_dtype()), *rest_u)
             return name, made["loop"], made["batched"], typed
 
+        def both(it, before_batched):
+            """One step of each trainer on batch ``it``; ``before_batched()`` sets the batched trainer's
+            start (RNG state, weights); the loop trainer's RNG stream continues afterwards."""
+            a = loop.step(*batch(it))
+            after = torch.get_rng_state()
+            before_batched()
+            b = batched.step(*batch(it))
+            torch.set_rng_state(after)
+            return a, b
+
         name, loop, batched, batch = trainers()
         free, one_step, contr = 0.0, 0.0, 0.0
         torch.manual_seed(0)
         for it in range(iterations):
             rng = torch.get_rng_state()
-            a = loop.step(*batch(it))
-            after = torch.get_rng_state()
-            torch.set_rng_state(rng)
-            b = batched.step(*batch(it))
-            torch.set_rng_state(after)
+            a, b = both(it, lambda: torch.set_rng_state(rng))  # noqa: B023 (called at once)
             free = max([free] + [abs(a[k] - b[k]) for k in a])
             contr = max(contr, a.get("contr", 0.0))
         bank = int(loop.bank.count.sum())
@@ -541,11 +547,7 @@ def attention_losses_part(device, iterations=100, overrides=None, dtype="float32
         weights = 0.0  # max |difference| of a weight or running statistic after the step, relative to its largest entry
         for it in range(iterations):
             state = copy.deepcopy(loop.state_dict())  # RNG state included
-            a = loop.step(*batch(it))
-            after = torch.get_rng_state()
-            batched.load_state_dict(state)
-            b = batched.step(*batch(it))
-            torch.set_rng_state(after)
+            a, b = both(it, lambda: batched.load_state_dict(state))  # noqa: B023 (called at once)
             one_step = max([one_step] + [abs(a[k] - b[k]) for k in a])
             with torch.random.fork_rng(devices=[]):
                 same = copy.deepcopy(batched.student)
