@@ -175,7 +175,10 @@ rows = [
     for r in table4
 ]
 da_setting = {"da_full": "adaptation", "da_target_only": "no adaptation"}
-for found, scored in ((runs, "62 dusk test frames"), (earlier, "earlier code, its unlabeled dusk training frames")):
+for found, scored in (
+    (runs, "62 dusk test frames"),
+    (earlier, "earlier code, its unlabeled dusk training frames"),
+):
     rows += [
         {
             "source": f"ours ({a['dataset']} {a['ratio']} dusk target, "

@@ -191,7 +191,8 @@ class ClassAttention(nn.Module):
     is a multiple of the tile size T (offsets from an on-device cumsum), in a buffer of
     (ceil(N/T) + C) tiles; the first Linear as one ``torch._grouped_mm`` over the tiles (each
     class's rows by its own weight matrix) where this torch has it for the device and dtype
-    (:func:`grouped_mm_available`, :attr:`grouped_mm`), else one weight matrix gathered per tile
+    (:func:`grouped_mm_available`) and :attr:`grouped_mm` is None -- off by default: on the CPU a
+    resumed run was then not bit-identical to an uninterrupted one --, else one weight matrix gathered per tile
     and ``torch.bmm``; BatchNorm per class (:class:`SegmentBatchNorm`: batch statistics per class segment
     in training, the running ones for a one-vector class and in eval, exactly as C separate
     ``nn.BatchNorm1d`` called on their own segments); the second Linear as a per-tile ``bmm``.
@@ -212,7 +213,7 @@ class ClassAttention(nn.Module):
     """
 
     tile_max = 128
-    grouped_mm = None  # None: torch._grouped_mm where available; False: per-tile weights and bmm (tests set it)
+    grouped_mm = False  # False: per-tile weights and bmm (default: resumed runs were not bit-identical with _grouped_mm); None: _grouped_mm where available
 
     def __init__(self, num_classes: int, dim: int = 256, hidden: int = 256):
         super().__init__()
