@@ -30,9 +30,11 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import datetime
 import json
 import platform
+import re
 import statistics
 import sys
 import time
@@ -48,6 +50,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from . import losses, reference
 from .config import atomic_write_text, load_config, source_commit
 from .data.sampling import Batches
+from .models.heads import ClassAttention
 from .train import Trainer
 
 TARGETS = {  # issue #4
@@ -57,6 +60,7 @@ TARGETS = {  # issue #4
     "loop / vectorised (cuda)": (">=", 10.0),
     "fp32 / bf16+channels_last step": (">=", 1.5),
     "batched / loop operators (C=19)": ("<=", 0.2),  # issue #13
+    "compiled / loop operators (C=19)": ("<=", 0.2),  # issue #13, compile_contrastive
 }
 
 
@@ -180,7 +184,8 @@ def blocky_labels(batch, size, num_classes, block, generator):
     return cells.repeat_interleave(block, 1).repeat_interleave(block, 2)
 
 
-def paper_setting(device, precision="fp32", channels_last=False, size=512, arch="deeplabv2_r101", num_classes=19):
+def paper_setting(device, precision="fp32", channels_last=False, size=512, arch="deeplabv2_r101", num_classes=19,
+                  overrides=None):
     """§4.4's shape: DeepLabv2-R101 at 512 x 512, one labeled + one unlabeled image, psi = 256.
 
     Random weights on random images can diverge within a few steps (the NaN guard then stops the
@@ -188,7 +193,8 @@ def paper_setting(device, precision="fp32", channels_last=False, size=512, arch=
     cfg = load_config("paper_cityscapes_dlv2", {"device": str(device), "precision": precision, "arch": arch,
                                                 "channels_last": channels_last, "pretrained": False,
                                                 "batch_labeled": 1, "batch_unlabeled": 1, "warmup_frac": 0.0, "warmup_beta": 0.0,
-                                                "crop_size": [size, size], "iterations": 1000, "lr": 0.0})
+                                                "crop_size": [size, size], "iterations": 1000, "lr": 0.0,
+                                                **(overrides or {})})
     trainer = Trainer(cfg, num_classes, 100, device)
     g = torch.Generator().manual_seed(0)
 
@@ -212,6 +218,9 @@ def module_work(trainer, inputs):
     """The contrastive module alone on a step's tensors: eq. (8)-(11) forward + backward and the bank
     update without its teacher forward (bank features from the given ``feats``)."""
     feats, targets, x_la, y_la, ids = inputs
+    for m in trainer.student.modules():
+        if isinstance(m, ClassAttention):
+            m.used = None  # as after an optimiser step (freeze_absent_classes)
     feats = feats.detach().requires_grad_()
     trainer.contrastive(feats, targets).backward()
     bank_from = trainer.cfg.bank_from
@@ -259,9 +268,11 @@ def share_part(name, trainer, batch, reps):
 
     out = {"setting": name, "device": str(dev), "precision": cfg.precision, "channels_last": cfg.channels_last,
            "reps": reps}
-    out["flops"] = {"step": flops(lambda: step(True)), "step_module_off": flops(lambda: step(False)),
-                    "module": flops(lambda: module_work(trainer, tensors)), "bank_teacher_forward": flops(teacher_forward)}
-    # the FLOP-counting runs above were the warm-up of the steps
+    # FLOPs counted on the eager code (the same arithmetic; the counter does not see inside compiled code)
+    with eager():
+        out["flops"] = {"step": flops(lambda: step(True)), "step_module_off": flops(lambda: step(False)),
+                        "module": flops(lambda: module_work(trainer, tensors)), "bank_teacher_forward": flops(teacher_forward)}
+    step(True), step(False)  # warm-up (with compile_contrastive: the compilation)
     out["seconds"] = {"step": timed(lambda: step(True), dev, reps, warmup=0),
                       "step_module_off": timed(lambda: step(False), dev, reps, warmup=0),
                       "module": timed(lambda: module_work(trainer, tensors), dev, max(reps, 3)),
@@ -417,12 +428,16 @@ def operator_counts(fn):
     from Python or by autograd (not the ones an operator makes inside itself), leaving out those
     that only make a view or read metadata (``VIEW_OPS``; a ``to`` / ``reshape`` / ``contiguous``
     that copies is counted): about the kernels a GPU would launch. ``all`` counts every
-    ``aten::`` event, nested ones included. Autograd's backward is included."""
+    ``aten::`` event, nested ones included. Autograd's backward is included. Code compiled by
+    ``torch.compile`` adds its fused kernels (``fused_kernels``, counted in both; they are profiler
+    events only with :func:`kernel_profile` on while compiling) to its ``aten::`` calls (its matmuls,
+    sorts)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
     events = [e for e in prof.events() if e.name.startswith("aten::")]
+    fused = sum(bool(FUSED_KERNEL.match(e.name)) for e in prof.events())
 
     def outermost(e):
         parent = e.cpu_parent
@@ -440,7 +455,24 @@ def operator_counts(fn):
         return name not in VIEW_OPS
 
     top = [e for e in events if outermost(e)]
-    return {"ops": sum(works(e) for e in top), "all": len(events)}
+    return {"ops": sum(works(e) for e in top) + fused, "fused_kernels": fused, "all": len(events) + fused}
+
+
+def eager():
+    """Code wrapped by ``torch.compile`` runs eagerly inside this block (torch >= 2.6; before, as compiled)."""
+    stance = getattr(torch.compiler, "set_stance", None)
+    return stance("force_eager") if stance is not None else contextlib.nullcontext()
+
+
+FUSED_KERNEL = re.compile(r"^(graph_\d+_)?(cpp|triton)_\w*fused")  # inductor's kernels (CPU C++, GPU Triton)
+
+
+def kernel_profile():
+    """Inductor's generated CPU kernels as profiler events (``cpp_fused_*``), so :func:`operator_counts`
+    sees them; set before the code is compiled."""
+    import torch._inductor.config as inductor
+
+    inductor.cpp.enable_kernel_profile = True
 
 
 def attention_tensors(trainer, size, generator):
@@ -456,22 +488,27 @@ def attention_tensors(trainer, size, generator):
     return feats, targets, x_la, targets[:1], torch.tensor([0], device=dev)
 
 
-def attention_part(device, classes=(11, 19, 21), size=64, psi=256, arch="effnet_lite0_dlv3p"):
+def attention_part(device, classes=(11, 19, 21), size=64, psi=256, arch="effnet_lite0_dlv3p",
+                   impls=("loop", "batched", "compiled")):
     """Issue #13: operators of the contrastive module (:func:`module_work`: heads, S_c, eq. (8)-(11)
-    forward and backward, bank update) per training step, attention as a per-class loop and batched.
+    forward and backward, bank update) per training step, attention as a per-class loop (``loop``),
+    ``batched``, and (``compiled``) batched under ``torch.compile`` (``compile_contrastive``: inductor's fused
+    kernels counted as operators; S_c's own share is not split out there).
 
     The batched count should not depend on C, and be at most 1/5 of the loop's (target)."""
+    kernel_profile()
     out = {"device": str(device), "setting": f"{arch}, {size}x{size}, 1 labeled + 2 views, psi = {psi}, full bank",
            "classes": list(classes), "counts": {}}
     for C in classes:
         out["counts"][str(C)] = {}
-        for impl in ("loop", "batched"):
+        for impl in impls:
             counts = {}
-            for attention in (True, False):  # without S_c: the rest of the module (heads, loss, bank)
+            for attention in (True, False) if impl != "compiled" else (True,):  # without S_c: heads, loss, bank
                 torch.manual_seed(0)
                 cfg = load_config("smoke", {"arch": arch, "pretrained": False, "psi": psi, "device": str(device),
-                                            "attention_impl": impl, "attention": attention, "warmup_frac": 0.0,
-                                            "warmup_beta": 0.0})
+                                            "attention_impl": "loop" if impl == "loop" else "batched",
+                                            "compile_contrastive": impl == "compiled", "attention": attention,
+                                            "warmup_frac": 0.0, "warmup_beta": 0.0})
                 trainer = Trainer(cfg, C, 100, device)
                 trainer.generator = torch.Generator().manual_seed(0)  # the bank's random ranking without S_c
                 fill_bank(trainer, torch.Generator().manual_seed(1))
@@ -479,14 +516,18 @@ def attention_part(device, classes=(11, 19, 21), size=64, psi=256, arch="effnet_
                 module_work(trainer, tensors)  # warm-up
                 fill_bank(trainer, torch.Generator().manual_seed(1))
                 counts["module" if attention else "without_attention"] = operator_counts(lambda: module_work(trainer, tensors))
-            counts["attention_ops"] = counts["module"]["ops"] - counts["without_attention"]["ops"]
+            if "without_attention" in counts:
+                counts["attention_ops"] = counts["module"]["ops"] - counts["without_attention"]["ops"]
             out["counts"][str(C)][impl] = counts
     per_c = [out["counts"][str(C)] for C in classes]
-    out["batched_constant_in_C"] = len({c["batched"]["module"]["ops"] for c in per_c}) == 1
+    for impl in impls[1:]:
+        out[f"{impl}_constant_in_C"] = len({c[impl]["module"]["ops"] for c in per_c}) == 1
     out["ratios"] = {}
     for C, c in zip(classes, per_c):
-        out["ratios"][f"batched / loop operators (C={C})"] = c["batched"]["module"]["ops"] / c["loop"]["module"]["ops"]
-        out["ratios"][f"batched / loop attention operators (C={C})"] = c["batched"]["attention_ops"] / c["loop"]["attention_ops"]
+        for impl in impls[1:] if impls[0] == "loop" else ():
+            out["ratios"][f"{impl} / loop operators (C={C})"] = c[impl]["module"]["ops"] / c["loop"]["module"]["ops"]
+            if "attention_ops" in c[impl]:
+                out["ratios"][f"{impl} / loop attention operators (C={C})"] = c[impl]["attention_ops"] / c["loop"]["attention_ops"]
     return out
 
 
@@ -603,10 +644,12 @@ def report(result):
                 lines.append(f"  torch.cuda.set_sync_debug_mode warnings by line: {part['cuda_sync_debug']}")
         if part["part"] == "attention":
             for C, counts in part["counts"].items():
-                loop, batched = counts["loop"], counts["batched"]
-                lines.append(f"  C = {C:>3}: operators loop {loop['module']['ops']:5d} (S_c: {loop['attention_ops']:5d}), "
-                             f"batched {batched['module']['ops']:5d} (S_c: {batched['attention_ops']:5d})")
-            lines.append(f"  batched count the same for every C: {part['batched_constant_in_C']}")
+                cells = [f"{impl} {c['module']['ops']:5d}" + (f" (S_c: {c['attention_ops']:5d})" if "attention_ops" in c else "")
+                         + (f" ({c['module']['fused_kernels']} fused kernels)" if c["module"].get("fused_kernels") else "")
+                         for impl, c in counts.items()]
+                lines.append(f"  C = {C:>3}: operators " + ", ".join(cells))
+            same = [f"{k[:-len('_constant_in_C')]}: {v}" for k, v in part.items() if k.endswith("_constant_in_C")]
+            lines.append(f"  count the same for every C: {', '.join(same)}")
         if part["part"] == "attention_losses":
             lines.append(f"  {part['iterations']} iterations in {part.get('dtype', 'float32')}, loss terms batched vs loop: max |difference| "
                          f"{part['max_abs_loss_difference_free']:.2e} side by side from one seed, "
@@ -636,6 +679,8 @@ def main(argv=None):
                         help="for the share and loss parts")
     parser.add_argument("--settings", nargs="+", default=["camvid", "paper"], choices=["camvid", "paper"],
                         help="for the share part")
+    parser.add_argument("--compile-contrastive", action="store_true",
+                        help="share part: the module under torch.compile (config key compile_contrastive)")
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions (median); paper shape on CPU uses 1")
     parser.add_argument("--loss-n", type=int, default=38000, help="vectors in the loss part")
     parser.add_argument("--paper-size", type=int, default=512, help="crop size of the paper-shape setting")
@@ -647,6 +692,8 @@ def main(argv=None):
     parser.add_argument("--throughput-options", nargs="+", default=None, help="throughput options (default: all)")
     parser.add_argument("--attention-classes", type=int, nargs="+", default=[11, 19, 21], help="C of the attention part")
     parser.add_argument("--attention-size", type=int, default=64, help="crop size of the attention part")
+    parser.add_argument("--attention-impls", nargs="+", default=["loop", "batched", "compiled"],
+                        choices=["loop", "batched", "compiled"], help="implementations of the attention part (loop first)")
     parser.add_argument("--attention-psi", type=int, default=256, help="bank size per class of the attention part")
     parser.add_argument("--loss-iterations", type=int, default=100, help="iterations of the attention_losses part")
     parser.add_argument("--loss-dtype", default="float32", choices=["float32", "float64"],
@@ -660,15 +707,17 @@ def main(argv=None):
     cpu = device.type == "cpu"
     for part in args.parts:
         if part == "share":
+            overrides = {"compile_contrastive": True} if args.compile_contrastive else None
             for precision in args.precisions:
                 for setting in args.settings:
                     if setting == "camvid":
-                        name, trainer, batch = camvid_setting(device, precision, precision == "bf16")
+                        name, trainer, batch = camvid_setting(device, precision, precision == "bf16", overrides)
                         reps = args.reps
                     else:
                         name, trainer, batch = paper_setting(device, precision, precision == "bf16", args.paper_size,
-                                                             args.paper_arch)
+                                                             args.paper_arch, overrides=overrides)
                         reps = 1 if cpu else args.reps
+                    name += ", compile_contrastive" if overrides else ""
                     result["parts"].append({"part": "share", **share_part(name, trainer, batch, reps)})
                     del trainer
         elif part == "loss":
@@ -683,8 +732,8 @@ def main(argv=None):
         elif part == "syncs":
             result["parts"].append({"part": "syncs", **syncs_part(device, args.paper_size, args.paper_arch)})
         elif part == "attention":
-            result["parts"].append({"part": "attention", **attention_part(device, args.attention_classes,
-                                                                           args.attention_size, args.attention_psi)})
+            result["parts"].append({"part": "attention", **attention_part(device, args.attention_classes, args.attention_size,
+                                                                           args.attention_psi, impls=args.attention_impls)})
         elif part == "attention_losses":
             result["parts"].append({"part": "attention_losses", **attention_losses_part(device, args.loss_iterations,
                                                                                          dtype=args.loss_dtype)})

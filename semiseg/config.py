@@ -89,6 +89,7 @@ class Config:
     channels_last: bool = False       # NHWC memory format for the convolutions
     compile: bool = False             # torch.compile the networks' forward passes
     attention_impl: str = "batched"   # batched | loop: S_c as one batched computation, or the per-class loop (same numbers)
+    compile_contrastive: bool = False  # torch.compile eq. (8)-(11) and the bank update: fused kernels (issue #13)
     cache_images: bool = False        # keep decoded, resized training images in memory (same numbers)
     sync_bn: bool = False             # torchrun with several CUDA processes: SyncBatchNorm in the network
     out_dir: str | None = None        # default: runs/<dataset>/<ratio>/split<k>/<variant>/seed<k>
@@ -114,6 +115,8 @@ class Config:
             ("device", self.device in ("auto", "cpu", "cuda"), "must be auto, cpu or cuda"),
             ("precision", self.precision in ("fp32", "bf16"), "must be fp32 or bf16"),
             ("attention_impl", self.attention_impl in ("batched", "loop"), "must be batched or loop"),
+            ("compile_contrastive", not (self.compile_contrastive and self.attention_impl == "loop"),
+             "needs attention_impl batched (the per-class loop reads class sizes on the host)"),
             ("checkpoint_every", self.checkpoint_every >= 0, "must be >= 0"),
             ("keep_checkpoints", self.keep_checkpoints >= 1, "must be >= 1"),
             ("tau_start", 0.0 <= self.tau_start <= 1.0, "must be in [0, 1]"),

@@ -90,6 +90,10 @@ class Trainer:
         self.teacher = make_teacher(self.student)
         # torch.compile'd forward passes share the networks' parameters (the state dicts are unchanged)
         self.compiled = ({id(net): torch.compile(net) for net in (self.student, self.teacher)} if cfg.compile else {})
+        if cfg.compile_contrastive:
+            # eq. (8)-(11) forward + backward and the bank update, each one graph: inductor fuses their
+            # elementwise work into a few kernels (issue #13); same numbers up to float rounding
+            self.contrastive, self._push_to_bank = torch.compile(self.contrastive), torch.compile(self._push_to_bank)
         # the student-side computation of a step (eq. 1's terms), wrapped in DDP with several processes
         self.objective = _Objective(self)
         if self.dist.enabled:
@@ -303,6 +307,11 @@ class Trainer:
             _, feats = self.forward(net, x_la)
         else:
             feats = student_feats.detach()
+        self._push_to_bank(net, feats, y_la, ids)
+
+    @torch.no_grad()
+    def _push_to_bank(self, net, feats, y_la, ids):
+        """:meth:`update_bank` after the teacher forward: the work ``compile_contrastive`` compiles."""
         logits = net.classify(feats)
         vectors, vec_labels, labels_small = pixels_to_vectors(feats, y_la)
         if self.cfg.fqf:

@@ -36,7 +36,7 @@ def test_attention_part_counts_operators_constant_in_the_class_count(tmp_path, c
     fewer than with C modules in a loop, whose count grows with C."""
     out = tmp_path / "bench.json"
     bench.main(["--parts", "attention", "--attention-classes", "11", "19", "--attention-size", "48",
-                "--attention-psi", "8", "--device", "cpu", "--out", str(out)])
+                "--attention-psi", "8", "--attention-impls", "loop", "batched", "--device", "cpu", "--out", str(out)])
     (part,) = json.loads(out.read_text())["parts"]
     counts = part["counts"]
     assert part["batched_constant_in_C"]
@@ -72,3 +72,35 @@ def test_flops_count_grouped_mm_like_the_per_tile_bmm(monkeypatch):
         monkeypatch.setattr(ClassAttention, "grouped_mm", grouped)
         counted[grouped] = bench.flops(lambda: att(x, labels).sum().backward())
     assert counted[True] == counted[False] > 3 * 2 * 300 * 32 * 32
+
+
+def test_compile_contrastive_gives_the_same_numbers_in_fused_kernels():
+    """Issue #13: ``compile_contrastive`` (torch.compile of eq. (8)-(11) and the bank update) gives
+    eager's gradients, BatchNorm statistics and bank, and the bench counts inductor's fused kernels
+    among its operators: fewer than eager's."""
+    from semiseg.config import load_config
+    from semiseg.train import Trainer
+
+    with pytest.raises(ValueError, match="compile_contrastive"):
+        load_config("smoke", {"compile_contrastive": True, "attention_impl": "loop"})
+    bench.kernel_profile()
+    trainers = {}
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        cfg = load_config("smoke", {"psi": 8, "compile_contrastive": compiled, "warmup_frac": 0.0, "warmup_beta": 0.0})
+        trainers[compiled] = trainer = Trainer(cfg, 4, 12, "cpu")
+        bench.fill_bank(trainer, torch.Generator().manual_seed(1))
+    tensors = bench.attention_tensors(trainers[False], 32, torch.Generator().manual_seed(2))
+    for trainer in trainers.values():
+        bench.module_work(trainer, tensors)
+    eager, compiled = trainers[False], trainers[True]
+    grads = [(p.grad, q.grad) for p, q in zip(eager.student.parameters(), compiled.student.parameters())]
+    assert sum(a is not None for a, _ in grads) > 10
+    for a, b in grads:
+        assert (a is None) == (b is None) and (a is None or torch.allclose(a, b, atol=1e-6))
+    for key, value in eager.student.state_dict().items():  # BatchNorm statistics of g, q and S_c
+        assert torch.allclose(value.double(), compiled.student.state_dict()[key].double(), atol=1e-6), key
+    assert torch.equal(eager.bank.count, compiled.bank.count) and torch.allclose(eager.bank.memory, compiled.bank.memory)
+    counts = {name: bench.operator_counts(lambda: bench.module_work(t, tensors)) for name, t in trainers.items()}
+    assert counts[True]["fused_kernels"] > 0 == counts[False]["fused_kernels"]
+    assert counts[True]["ops"] < counts[False]["ops"] / 2
