@@ -209,3 +209,54 @@ def unlabeled_signals(run, beta_level=0.05):
             "bank_two_classes": first(lambda r: sum(f > 0 for f in r.get("bank_fill_per_class", [])) > 1),
             "pseudo_acc_end": last.get("pseudo_acc"), "beta_end": last.get("pseudo_beta"),
             "bank_classes_end": sum(f > 0 for f in fill), "classes": len(fill)}
+
+
+def readme_tables(runs, model="student", split="test", ratios=("1/16", "1/8")):
+    """The README's headline tables, in Markdown: per split the student's test mIoU with val in
+    brackets, the mean ± std over splits (% of the ceiling beside it), the ceiling's seeds, and the
+    paired differences with their 95 % t intervals. ``python -m semiseg.results`` prints them."""
+    def fmt(run):
+        return f"{score(run, model, split):.2f} ({score(run, model, 'val'):.2f})" if run else "not yet"
+
+    by = {(r["ratio"], r["variant"], r["split"]): r for r in runs}
+    top = ceiling(runs, model, split)
+    lines = ["| ratio | split | " + " | ".join(GRID_VARIANTS) + " |", "|---|---|---|---|---|"]
+    for ratio in ratios:
+        splits = sorted({r["split"] for r in runs if r["ratio"] == ratio})
+        for k in splits:
+            lines.append(f"| {ratio} | {k} | " + " | ".join(fmt(by.get((ratio, v, k))) for v in GRID_VARIANTS) + " |")
+        means = []
+        for v in GRID_VARIANTS:
+            values = [score(by[ratio, v, k], model, split) for k in splits if (ratio, v, k) in by]
+            if not values:
+                means.append("–")
+                continue
+            cell = f"**{np.mean(values):.2f}**" + (f" ± {np.std(values, ddof=1):.2f}" if len(values) > 1 else "")
+            cell += f" ({100 * np.mean(values) / top:.0f} %)" if top else ""
+            means.append(cell + ("" if len(values) == len(splits) else f", {len(values)} splits"))
+        lines.append(f"| {ratio} | mean ± std | " + " | ".join(means) + " |")
+    full = sorted((r for r in runs if r["ratio"] == "1/1" and r["variant"] == "supervised"), key=lambda r: r["seed"])
+    if full:
+        lines.append(f"| 1/1 (ceiling) | seeds {', '.join(str(r['seed']) for r in full)} | "
+                     + ", ".join(fmt(r) for r in full) + f"; mean **{top:.2f}** | | |")
+    pairs = (("full", "supervised"), ("full", "no_contr"), ("no_contr", "supervised"))
+    lines += ["", "| ratio | " + " | ".join(f"{a} − {b}" for a, b in pairs) + " |", "|---|---|---|---|"]
+    for ratio in ratios:
+        lines.append(f"| {ratio} | " + " | ".join(
+            fmt_interval(p) + (f", {p['n']} splits" if p["n"] > 1 else "") for p in (paired(runs, ratio, a, b, model, split) for a, b in pairs))
+            + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m semiseg.results",
+                                     description="The README's reproduction tables, from the committed summaries.")
+    parser.add_argument("--results", default=str(BOOK / "results"), help="folder of the committed runs")
+    args = parser.parse_args(argv)
+    print(readme_tables(grid_runs(collect(args.results))))
+
+
+if __name__ == "__main__":
+    main()

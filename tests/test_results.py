@@ -91,3 +91,21 @@ def test_grid_runs_leave_out_the_domain_adaptation_demo(tmp_path):
 
     runs = _grid(tmp_path, {("1/16", "full"): [41.0], ("1/4", "da_full"): [43.0], ("1/4", "da_target_only"): [42.0]})
     assert [(r["ratio"], r["variant"]) for r in results.grid_runs(runs)] == [("1/16", "full")]
+
+
+def test_readme_tables_from_summaries_and_the_readme_shows_the_committed_ones(tmp_path, capsys):
+    """``python -m semiseg.results`` prints the README's headline tables from the summaries, and the
+    README holds exactly what it prints for the committed runs (it is never typed)."""
+    from semiseg import results
+
+    runs = _grid(tmp_path, {("1/16", "supervised"): [40.0, 42.0, 44.0], ("1/16", "full"): [41.0, 45.0, 44.5],
+                            ("1/8", "supervised"): [49.0, 48.0], ("1/1", "supervised"): [60.0, 62.0]})
+    text = results.readme_tables(runs)
+    assert "| 1/16 | 1 | 42.00 (47.00) | not yet | 45.00 (50.00) |" in text
+    assert "| 1/16 | mean ± std | **42.00** ± 2.00 (69 %) | – | **43.50** ± 2.18 (71 %) |" in text
+    assert "| 1/1 (ceiling) | seeds 0, 1 | 60.00 (65.00), 62.00 (67.00); mean **61.00** | | |" in text
+    assert "| 1/16 | +1.50 [" in text and "| no finished pair | no finished pair |" in text
+    results.main(["--results", str(tmp_path)])
+    assert capsys.readouterr().out.strip() == text
+    readme = (results.BOOK.parent / "README.md").read_text()
+    assert results.readme_tables(results.grid_runs(results.collect())) in readme
