@@ -201,7 +201,8 @@ for name, report in reports.items():
         display(Markdown(md_table(op_rows, list(op_rows[0]))))
         for key, same in part.items():
             if key.endswith("_constant_in_C"):
-                print(f"{key[: -len('_constant_in_C')]} count the same for every C:", same)
+                impl = key.removesuffix("_constant_in_C")
+                print(f"{impl} count the same for every C:", same)
 
 # %% [markdown]
 # ## 2. No host synchronisation for the class-wise attention
