@@ -9,7 +9,8 @@ run's ``summary.json``, at most 4 MB of fp16 arrays (:data:`LIMIT`), so it can b
   p = q(g(f(x_u))) on unlabeled training images (what eq. 8-10 compare with the bank), with
   ``pred_pseudo`` (the teacher's pseudo-label of that pixel, eq. 5) and ``pred_true`` (its true
   label, for the plots only), and ``proj_vectors`` [K, D], the teacher's projections
-  g_xi(f_xi(x_u)) of the same pixels (the space the bank lives in);
+  g_xi(f_xi(x_u)) of the same pixels (the space the bank lives in); a run without unlabeled
+  images (ratio 1/1) samples its labeled ones (``meta["pred_images"]`` says which);
 * ``val_images`` [n, H, W, 3] uint8, ``val_labels`` and ``val_preds`` [n, H, W] uint8 -- a few
   validation images with the student's prediction, for the qualitative figures;
 * ``class_names``, ``palette`` and ``meta`` (JSON: run config, checkpoint iteration, sizes).
@@ -60,8 +61,11 @@ def collect(state, num_unlabeled=24, per_class=120, num_val=3, seed=0):
     out = {"bank_vectors": torch.cat([v for v, _ in bank]).half().numpy(),
            "bank_labels": np.concatenate([np.full(len(v), c, np.uint8) for v, c in bank]),
            "bank_slots": np.concatenate([np.arange(len(v), dtype=np.int16) for v, _ in bank])}
-    # unlabeled images: student prediction vectors p, teacher projections z', pseudo and true labels
-    _, unlabeled, _ = build_train_data(cfg)
+    # unlabeled images: student prediction vectors p, teacher projections z', pseudo and true labels;
+    # a run with none (ratio 1/1, the fully supervised ceiling) samples its labeled images instead
+    labeled, unlabeled, _ = build_train_data(cfg)
+    pred_images = "unlabeled" if len(unlabeled) else "labeled"
+    unlabeled = unlabeled if len(unlabeled) else labeled
     g = torch.Generator().manual_seed(seed)
     picks = torch.randperm(len(unlabeled), generator=g)[:num_unlabeled].tolist()
     pred, proj, pseudo, true = [], [], [], []
@@ -95,7 +99,8 @@ def collect(state, num_unlabeled=24, per_class=120, num_val=3, seed=0):
     out["class_names"] = np.asarray(state["class_names"])
     out["palette"] = np.asarray(state["palette"], dtype=np.uint8)
     out["meta"] = np.asarray(json.dumps({"config": state["config"], "iteration": int(state["iteration"]),
-                                         "num_unlabeled_images": len(picks), "per_class": per_class, "seed": seed}))
+                                         "num_unlabeled_images": len(picks), "pred_images": pred_images,
+                                         "per_class": per_class, "seed": seed}))
     return out
 
 

@@ -411,3 +411,13 @@ def test_every_run_writes_a_small_embeddings_artifact(run):
         assert (got == want).all() and (data["bank_slots"][data["bank_labels"] == c] == range(int(count[c]))).all()
     assert len(data["pred_vectors"]) == len(data["pred_true"]) == len(data["proj_vectors"]) > 0
     assert data["val_images"].shape[:3] == data["val_preds"].shape and data["meta"]["iteration"] == 6
+
+
+def test_a_fully_supervised_run_writes_embeddings_from_its_labeled_images(tmp_path):
+    """Ratio 1/1 has no unlabeled images: embeddings.npz samples the labeled ones and says so."""
+    from semiseg import embeddings
+
+    cfg = load_config("smoke", {"ratio": "1/1", "variant": "supervised", "iterations": 2, "out_dir": str(tmp_path)})
+    train(cfg, progress=False)
+    data = embeddings.load(tmp_path / "embeddings.npz")
+    assert data["meta"]["pred_images"] == "labeled" and len(data["pred_vectors"]) > 0
