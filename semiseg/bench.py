@@ -214,13 +214,20 @@ def fill_bank(trainer, generator):
 
 
 # ----------------------------------------------------------------------------- parts
+def forget_used_classes(trainer):
+    """``ClassAttention.used`` back to None, as after an optimiser step (freeze_absent_classes): every
+    measured call then starts from the state a training step starts from (and, with
+    ``compile_contrastive``, runs the same compiled graph instead of recompiling for the other state)."""
+    for m in trainer.student.modules():
+        if isinstance(m, ClassAttention):
+            m.used = None
+
+
 def module_work(trainer, inputs):
     """The contrastive module alone on a step's tensors: eq. (8)-(11) forward + backward and the bank
     update without its teacher forward (bank features from the given ``feats``)."""
     feats, targets, x_la, y_la, ids = inputs
-    for m in trainer.student.modules():
-        if isinstance(m, ClassAttention):
-            m.used = None  # as after an optimiser step (freeze_absent_classes)
+    forget_used_classes(trainer)
     feats = feats.detach().requires_grad_()
     trainer.contrastive(feats, targets).backward()
     bank_from = trainer.cfg.bank_from
@@ -272,6 +279,7 @@ def share_part(name, trainer, batch, reps):
     with eager():
         out["flops"] = {"step": flops(lambda: step(True)), "step_module_off": flops(lambda: step(False)),
                         "module": flops(lambda: module_work(trainer, tensors)), "bank_teacher_forward": flops(teacher_forward)}
+    forget_used_classes(trainer)  # module_work above left it set; a step starts without it
     step(True), step(False)  # warm-up (with compile_contrastive: the compilation)
     out["seconds"] = {"step": timed(lambda: step(True), dev, reps, warmup=0),
                       "step_module_off": timed(lambda: step(False), dev, reps, warmup=0),
