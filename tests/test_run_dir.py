@@ -269,15 +269,17 @@ def test_sigterm_and_sigint_checkpoint_and_resume_exactly(sig, forkserver, tmp_p
 
 def test_soak_20_random_kills_then_the_uninterrupted_weights(forkserver, tmp_path):
     """SIGKILL, SIGTERM and SIGINT at random points, resuming after each, 20 times."""
-    ref, out = tmp_path / "ref", tmp_path / "out"
-    reference = forkserver.Process(target=_run, args=(ref, 24))
+    # long enough that 20 interruptions 0.3-1.5 s apart land before the end on a fast machine too
+    # (24 iterations finished after 9 on the quiet 2-core machine)
+    ref, out, iterations = tmp_path / "ref", tmp_path / "out", 80
+    reference = forkserver.Process(target=_run, args=(ref, iterations))
     reference.start()
     rng = random.Random()
     kinds = [signal.SIGKILL, signal.SIGTERM, signal.SIGINT] * 7
     rng.shuffle(kinds)
     kills = 0
     for sig in kinds[:20]:
-        proc = forkserver.Process(target=_run, args=(out, 24))
+        proc = forkserver.Process(target=_run, args=(out, iterations))
         proc.start()
         proc.join(timeout=rng.uniform(0.3, 1.5))
         if proc.exitcode is None:
@@ -287,7 +289,7 @@ def test_soak_20_random_kills_then_the_uninterrupted_weights(forkserver, tmp_pat
         if (out / "summary.json").exists():
             break
     print(f"{kills} kills")
-    proc = forkserver.Process(target=_run, args=(out, 24))
+    proc = forkserver.Process(target=_run, args=(out, iterations))
     proc.start()
     proc.join()
     reference.join()
