@@ -248,14 +248,58 @@ def readme_tables(runs, model="student", split="test", ratios=("1/16", "1/8")):
     return "\n".join(lines)
 
 
+# The warm-up gate checked after the grid (README "What limits the gain"): `full` with
+# warmup_beta = 0.05 on the grid's cells, one folder per run named <ratio>_split<k>_full_seed<k>.
+GATE_CHECK = BOOK / "results" / "checks" / "warmup_gate_1500"
+
+
+def check_runs(root=GATE_CHECK, variant="full_gate"):
+    """Finished runs of a check folder, as :func:`collect` rows whose variant is ``variant`` (the
+    ratio, split and seed come from each summary), so :func:`paired` sets them against the grid."""
+    rows = []
+    for path in sorted(Path(root).glob("*/summary.json")):
+        summary = json.loads(path.read_text())
+        rows.append({**summary, "variant": variant, "path": str(path)})
+    return rows
+
+
+def gate_table(runs, gate, model="student", split="test", ratios=("1/16", "1/8")):
+    """Markdown: per split the gated ``full`` run beside the grid's ``full`` and ``supervised``
+    (test, val in brackets), then the paired differences with their 95 % t intervals."""
+    both = runs + gate
+    by = {(r["ratio"], r["variant"], r["split"]): r for r in both}
+    cols = ("full_gate", "full", "supervised")
+    lines = ["| ratio | split | full, gated warm-up | full (grid) | supervised (grid) | commit of the gated run |",
+             "|---|---|---|---|---|---|"]
+    for ratio in ratios:
+        for k in sorted({r["split"] for r in gate if r["ratio"] == ratio}):
+            cells_ = [f"{score(by[ratio, v, k], model, split):.2f} ({score(by[ratio, v, k], model, 'val'):.2f})"
+                      if (ratio, v, k) in by else "–" for v in cols]
+            lines.append(f"| {ratio} | {k} | " + " | ".join(cells_) + f" | {by[ratio, 'full_gate', k].get('commit', '?')} |")
+    pairs = (("full_gate", "full"), ("full_gate", "supervised"))
+    lines += ["", "| ratio | " + " | ".join(f"{a} − {b}" for a, b in pairs) + " |", "|---|---|---|"]
+    for ratio in ratios:
+        if any(r["ratio"] == ratio for r in gate):
+            lines.append(f"| {ratio} | " + " | ".join(
+                fmt_interval(p) + (f", {p['n']} splits" if p["n"] > 1 else "")
+                for p in (paired(both, ratio, a, b, model, split) for a, b in pairs)) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m semiseg.results",
                                      description="The README's reproduction tables, from the committed summaries.")
     parser.add_argument("--results", default=str(BOOK / "results"), help="folder of the committed runs")
+    parser.add_argument("--gate", default=str(GATE_CHECK), help="folder of the warm-up gate check's runs")
     args = parser.parse_args(argv)
-    print(readme_tables(grid_runs(collect(args.results))))
+    runs = grid_runs(collect(args.results))
+    print(readme_tables(runs))
+    gate = check_runs(args.gate)
+    if gate:
+        print("\nThe warm-up gate check (`full` with `warmup_beta` = 0.05, after the grid):\n")
+        print(gate_table(runs, gate))
 
 
 if __name__ == "__main__":

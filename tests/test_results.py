@@ -105,7 +105,30 @@ def test_readme_tables_from_summaries_and_the_readme_shows_the_committed_ones(tm
     assert "| 1/16 | mean ± std | **42.00** ± 2.00 (69 %) | – | **43.50** ± 2.18 (71 %) |" in text
     assert "| 1/1 (ceiling) | seeds 0, 1 | 60.00 (65.00), 62.00 (67.00); mean **61.00** | | |" in text
     assert "| 1/16 | +1.50 [" in text and "| no finished pair | no finished pair |" in text
-    results.main(["--results", str(tmp_path)])
+    results.main(["--results", str(tmp_path), "--gate", str(tmp_path / "no_gate_runs")])
     assert capsys.readouterr().out.strip() == text
     readme = (results.BOOK.parent / "README.md").read_text()
-    assert results.readme_tables(results.grid_runs(results.collect())) in readme
+    committed = results.grid_runs(results.collect())
+    assert results.readme_tables(committed) in readme
+    gate = results.check_runs()
+    assert not gate or results.gate_table(committed, gate) in readme
+
+
+def test_gate_check_runs_are_paired_with_the_grid_by_ratio_and_split(tmp_path):
+    """A check folder's runs (named by ratio, split and seed; the cell comes from the summary) sit
+    beside the grid's full and supervised runs of the same cell, with paired differences."""
+    from semiseg import results
+
+    runs = _grid(tmp_path / "grid", {("1/8", "supervised"): [44.0, 43.0], ("1/8", "full"): [42.0, 44.0]})
+    for k, miou in [(0, 45.0), (1, 44.5)]:
+        d = tmp_path / "gate" / f"1-8_split{k}_full_seed{k}"
+        d.mkdir(parents=True)
+        scores = {m: {"test": {"miou": miou}, "val": {"miou": miou + 5}} for m in ("student", "teacher")}
+        (d / "summary.json").write_text(json.dumps({"miou": miou, "ratio": "1/8", "split": k, "seed": k,
+                                                    "commit": "abc1234", "scores": scores}))
+    gate = results.check_runs(tmp_path / "gate")
+    assert [(r["variant"], r["ratio"], r["split"]) for r in gate] == [("full_gate", "1/8", 0), ("full_gate", "1/8", 1)]
+    text = results.gate_table(runs, gate)
+    assert "| 1/8 | 0 | 45.00 (50.00) | 42.00 (47.00) | 44.00 (49.00) | abc1234 |" in text
+    # full_gate - full = (3.0, 0.5), full_gate - supervised = (1.0, 1.5)
+    assert "| 1/8 | +1.75 [" in text and "+1.25 [" in text and "1/16" not in text
