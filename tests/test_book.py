@@ -78,7 +78,8 @@ def test_page(site, browser, page_path):
     assert not problems, problems
 
 
-@pytest.mark.parametrize("page_path", ["notebooks/09_results.html", "notebooks/12_performance.html"])
+@pytest.mark.parametrize("page_path", ["notebooks/09_results.html", "notebooks/12_performance.html",
+                                       "notebooks/13_reproduction.html"])
 def test_result_tables_are_tables_with_rows(site, browser, page_path):
     """The results and performance pages print their tables as Markdown outputs: they must render
     as HTML tables (not as lines of pipes) and hold the committed numbers."""
@@ -90,6 +91,10 @@ def test_result_tables_are_tables_with_rows(site, browser, page_path):
     assert rows >= 3 and "|---|" not in text
     if "performance" in page_path:
         assert "cpu.json" in text and "cuda.json" in text and "met" in text
+    if "reproduction" in page_path:
+        assert "full − supervised" in text
+        if (ROOT / "book" / "results" / "checks" / "warmup_gate_1500").exists():
+            assert "full, gated warm-up" in text
 
 
 def load_build():
