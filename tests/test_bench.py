@@ -74,6 +74,20 @@ def test_flops_count_grouped_mm_like_the_per_tile_bmm(monkeypatch):
     assert counted[True] == counted[False] > 3 * 2 * 300 * 32 * 32
 
 
+@pytest.mark.parametrize("groups", [1, 4, 16])
+def test_flops_of_a_convolution_backward_respect_groups(groups):
+    """Forward + backward of a convolution (input and weight gradients) is 3 x its forward FLOPs, for
+    grouped and depthwise convolutions too (torch's own formula counts the weight gradient as if
+    ungrouped: 16x too much at groups = 16)."""
+    conv = torch.nn.Conv2d(16, 16, 3, padding=1, stride=2, groups=groups)
+    x = torch.randn(2, 16, 12, 12, requires_grad=True)
+    forward = 2 * 2 * 6 * 6 * 16 * (16 // groups) * 9
+    assert bench.flops(lambda: conv(x)) == forward
+    assert bench.flops(lambda: conv(x).sum().backward()) == 3 * forward
+    x.requires_grad_(False)  # only the weight gradient
+    assert bench.flops(lambda: conv(x).sum().backward()) == 2 * forward
+
+
 def test_compile_contrastive_gives_the_same_numbers_in_fused_kernels():
     """Issue #13: ``compile_contrastive`` (torch.compile of eq. (8)-(11) and the bank update) gives
     eager's gradients, BatchNorm statistics and bank, and the bench counts inductor's fused kernels
