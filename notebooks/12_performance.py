@@ -467,6 +467,8 @@ show_source(distributed.all_gather_cat)
 # ## What differs from the paper and the official code
 #
 # * The FLOP share here counts backward passes; the paper's count is forward only.
+# * A grouped convolution's backward is counted by `bench.conv_backward_flops`, not by
+#   `torch.utils.flop_counter`'s formula, which treats its weight gradient as ungrouped.
 # * The bank's teacher forward pass on the labeled images is reported apart (the paper does not
 #   count it); with it, the module-on step is longer by one forward pass of the labeled batch.
 # * `torch.bincount` synchronises on CUDA; class frequencies use `index_add_` into a fixed-size
