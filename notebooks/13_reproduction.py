@@ -308,7 +308,8 @@ if signal_rows:
 # (`warmup_beta`, README "Choices the paper leaves open") keeps $\lambda_{pseudo}$ and
 # $\lambda_{contr}$ at 0 until the running mean of $\beta$ reaches 0.05, as well as for the
 # paper's fixed fraction. The check retrains `full` with the gate on cells of the grid (same
-# profile, split and seed; a later commit whose training differs only by the gate) and
+# profile, split and seed; a later commit whose resolved config differs only by the gate
+# and the stacked attention, `attention_impl: batched`, the same numbers up to rounding) and
 # sets each run beside the grid's `full` and `supervised` of the same split. The runs live
 # in `book/results/checks/warmup_gate_1500/`; they are not part of the grid.
 

@@ -151,6 +151,11 @@ def fmt_interval(p):
     return f"{p['mean']:+.2f} [{p['lo']:+.2f}, {p['hi']:+.2f}]"
 
 
+def fmt_pair(p):
+    """A table cell of a paired difference: :func:`fmt_interval` and the number of splits."""
+    return fmt_interval(p) + (f", {p['n']} splits" if p["n"] > 1 else "")
+
+
 def conclusions(runs, model="student", split="test", ratios=("1/16", "1/8")):
     """Sentences generated from the grid's numbers: they stay true when the numbers change."""
     sentences = []
@@ -243,7 +248,7 @@ def readme_tables(runs, model="student", split="test", ratios=("1/16", "1/8")):
     lines += ["", "| ratio | " + " | ".join(f"{a} − {b}" for a, b in pairs) + " |", "|---|---|---|---|"]
     for ratio in ratios:
         lines.append(f"| {ratio} | " + " | ".join(
-            fmt_interval(p) + (f", {p['n']} splits" if p["n"] > 1 else "") for p in (paired(runs, ratio, a, b, model, split) for a, b in pairs))
+            fmt_pair(p) for p in (paired(runs, ratio, a, b, model, split) for a, b in pairs))
             + " |")
     return "\n".join(lines)
 
@@ -281,7 +286,7 @@ def gate_table(runs, gate, model="student", split="test", ratios=("1/16", "1/8")
     for ratio in ratios:
         if any(r["ratio"] == ratio for r in gate):
             lines.append(f"| {ratio} | " + " | ".join(
-                fmt_interval(p) + (f", {p['n']} splits" if p["n"] > 1 else "")
+                fmt_pair(p)
                 for p in (paired(both, ratio, a, b, model, split) for a, b in pairs)) + " |")
     return "\n".join(lines)
 
