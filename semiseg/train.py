@@ -44,9 +44,16 @@ from .teacher import ema_update, make_teacher, tau_schedule
 
 
 # ----------------------------------------------------------------------------- the step
+def pixel_labels(labels, size):
+    """[B, H, W] labels -> [B, h, w] labels at feature resolution ``size`` (nearest, §4.2)."""
+    return F.interpolate(labels[:, None].float(), size=size, mode="nearest")[:, 0].long()
+
+
 def pixels_to_vectors(feats, labels):
-    """[B, D, h, w] features and [B, H, W] labels -> [B*h*w, D] vectors and labels at feature resolution (§4.2)."""
-    labels = F.interpolate(labels[:, None].float(), size=feats.shape[-2:], mode="nearest")[:, 0].long()
+    """[B, D, h, w] features and [B, H, W] labels -> [B*h*w, D] vectors and labels at feature resolution (§4.2).
+
+    The vectors are a copy of the map; the heads read a map in place (``MLPHead`` on [B, D, h, w])."""
+    labels = pixel_labels(labels, feats.shape[-2:])
     return feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1]), labels.reshape(-1), labels
 
 
@@ -282,11 +289,12 @@ class Trainer:
         :func:`semiseg.reference.contrastive_gathered`, the code before issue #13).
         """
         model, cfg = self.student, self.cfg
-        vectors, vec_labels, _ = pixels_to_vectors(feats, labels)
         if cfg.attention_impl == "loop":
+            vectors, vec_labels, _ = pixels_to_vectors(feats, labels)
             return reference.contrastive_gathered(model, vectors, vec_labels, self.bank, cfg.attention, cfg.attention_detach)
+        vec_labels = pixel_labels(labels, feats.shape[-2:]).reshape(-1)
         valid = vec_labels != 255
-        pred = model.prediction(model.projection(vectors, valid), valid)  # P = q(g(V))
+        pred = model.prediction(model.projection(feats, valid), valid)  # P = q(g(V)), V: the map's pixel vectors
         slot_valid = torch.arange(cfg.psi, device=self.device)[None] < self.bank.count[:, None]  # [C, psi]
         if cfg.attention:
             # S_c,theta(p); with attention_detach (the official code's choice, the paper is silent)
@@ -313,14 +321,15 @@ class Trainer:
     def _push_to_bank(self, net, feats, y_la, ids):
         """:meth:`update_bank` after the teacher forward: the work ``compile_contrastive`` compiles."""
         logits = net.classify(feats)
-        vectors, vec_labels, labels_small = pixels_to_vectors(feats, y_la)
+        labels_small = pixel_labels(y_la, feats.shape[-2:])
+        vec_labels = labels_small.reshape(-1)
         if self.cfg.fqf:
             valid = feature_quality_filter(logits, labels_small, self.cfg.phi).reshape(-1)
         else:
             valid = vec_labels != 255
         was_training = net.training
         net.eval()  # Z' = g_xi(f_xi^-(x)) with inference-mode BatchNorm
-        proj = net.projection(vectors)
+        proj = net.projection(feats)  # the map's pixel vectors, read in place
         safe_labels = torch.where(vec_labels == 255, torch.zeros_like(vec_labels), vec_labels)
         if self.cfg.attention:
             scores = net.attention_proj(proj, safe_labels)  # ranking R_c = S_c,xi(Z'_c)

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from semiseg.models import MLPHead, build_model
-from semiseg.models.heads import ClassAttention, SegmentBatchNorm, freeze_absent_classes, grouped_mm_available
+from semiseg.models.heads import (ClassAttention, SegmentBatchNorm, freeze_absent_classes, grouped_mm_available,
+                                  pixel_linear)
 from semiseg.reference import ClassAttentionLoop, use_loop_attention
 
 from conftest import randomised_attention
@@ -304,6 +305,68 @@ def test_mlp_head_with_valid_mask_equals_the_head_on_the_valid_rows():
             torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-5, msg=lambda m: f"{n_valid} {name}: {m}")
         for (name, b), c in zip(head.named_buffers(), ref.buffers()):
             torch.testing.assert_close(b, c, atol=1e-6, rtol=1e-5, msg=lambda m: f"{n_valid} {name}: {m}")
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_pixel_linear_equals_a_linear_on_the_pixel_vectors(layout, batch):
+    """g's first Linear read on the map in place: the values and gradients of ``F.linear`` on
+    ``pixels_to_vectors``' copy, and the map's gradient in the map's own layout (no transposition
+    left for the backbone's backward)."""
+    from semiseg.train import pixels_to_vectors
+
+    g = torch.Generator().manual_seed(batch)
+    feats = torch.randn(batch, 24, 5, 7 if layout != "strided" else 14, generator=g)
+    if layout == "channels_last":
+        feats = feats.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":
+        feats = feats[..., ::2]  # neither layout: read through a contiguous copy
+    feats.requires_grad_()
+    weight = torch.randn(10, 24, generator=g, requires_grad=True)
+    bias = torch.randn(10, generator=g, requires_grad=True)
+    out = pixel_linear(feats, weight, bias)
+    ref_feats, ref_weight, ref_bias = (t.detach().clone().requires_grad_() for t in (feats, weight, bias))
+    vectors, _, _ = pixels_to_vectors(ref_feats, torch.zeros(batch, 5, 7, dtype=torch.long))
+    want = torch.nn.functional.linear(vectors, ref_weight, ref_bias)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    up = torch.randn(out.shape, generator=g)
+    (out * up).sum().backward()
+    (want * up).sum().backward()
+    for got, ref in ((feats, ref_feats), (weight, ref_weight), (bias, ref_bias)):
+        torch.testing.assert_close(got.grad, ref.grad, atol=1e-5, rtol=1e-5)
+    if layout == "channels_last":
+        assert feats.grad.is_contiguous(memory_format=torch.channels_last)
+    else:
+        assert feats.grad.is_contiguous()
+    with pytest.raises(ValueError, match=r"\[B, 24, h, w\]"):
+        pixel_linear(feats.detach()[:, :20], weight, bias)
+
+
+def test_mlp_head_on_a_feature_map_equals_the_head_on_its_pixel_vectors():
+    """g on [B, D, h, w] (what the trainer passes) and on the copied [B*h*w, D] vectors, with a
+    valid mask and without: the same outputs, gradients and running statistics."""
+    from semiseg.train import pixels_to_vectors
+
+    torch.manual_seed(0)
+    for masked in (True, False):
+        head = MLPHead(16, 8).train()
+        ref = copy.deepcopy(head)
+        feats = torch.randn(2, 16, 3, 4, requires_grad=True)
+        vectors, _, _ = pixels_to_vectors(feats, torch.zeros(2, 3, 4, dtype=torch.long))
+        valid = (torch.arange(24) % 5 != 0) if masked else None
+        out, want = head(feats, valid), ref(vectors, valid)
+        torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+        out.square().sum().backward()
+        grad = feats.grad.clone()
+        feats.grad = None
+        want.square().sum().backward()
+        torch.testing.assert_close(grad, feats.grad, atol=1e-5, rtol=1e-5)
+        for p, q in zip(head.parameters(), ref.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-5)
+        for b, c in zip(head.buffers(), ref.buffers()):
+            torch.testing.assert_close(b, c)
+    with pytest.raises(ValueError, match=r"valid must be a \[24\] mask"):
+        head(feats, torch.ones(23, dtype=torch.bool))
 
 
 # ----------------------------------------------------------------------------- the trainer's two paths

@@ -89,6 +89,57 @@ class SegmentBatchNorm(torch.autograd.Function):
         return dh, d_weight, d_bias, *[None] * 11
 
 
+class PixelLinear(torch.autograd.Function):
+    """``Linear`` on every pixel vector of a feature map without the ``[B*h*w, D]`` copy (issue #13).
+
+    ``(feats [B, D, h, w], weight [out, D], bias [out]) -> [B*h*w, out]``, rows in the order of
+    :func:`semiseg.train.pixels_to_vectors` (image, row, column): the same values as
+    ``F.linear(feats.permute(0, 2, 3, 1).reshape(-1, D), weight, bias)``. That reshape copies the
+    map pixel by pixel (a transposition; 100 MB for the paper shape's 3 x 2048 x 64 x 64), and its
+    backward transposes the map's gradient back; with the 2048-channel input of g the two took
+    0.36 s of a 1.06 s module (paper shape, 2-core CPU, profiled at commit e5969e7). Here each image's ``[D, h*w]`` view is read as
+    ``[h*w, D]`` by the matrix product itself (a transposed operand), and the map's gradient is
+    written in the map's own layout (contiguous or channels_last). The same values up to rounding
+    (on the 2-core CPU the forward and the input gradient came out as the same floats; the weight
+    gradient sums the images in another order).
+    """
+
+    @staticmethod
+    def forward(ctx, feats, weight, bias):
+        ctx.save_for_backward(feats, weight)
+        return torch.cat([torch.addmm(bias, x.flatten(1).t(), weight.t()) for x in feats.unbind(0)])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        feats, weight = ctx.saved_tensors
+        B, D = feats.shape[:2]
+        g = grad.view(B, -1, weight.shape[0])  # [B, h*w, out]
+        d_feats = d_weight = d_bias = None
+        if ctx.needs_input_grad[0]:
+            if feats.is_contiguous():  # [B, D, h*w] = W^T G^T per image, written contiguous
+                d_feats = torch.bmm(weight.t().expand(B, -1, -1), g.transpose(1, 2))
+            else:  # channels_last: [B, h*w, D] = G W, read back as [B, D, h*w]
+                d_feats = torch.matmul(g, weight).transpose(1, 2)
+            d_feats = d_feats.view(feats.shape)
+        if ctx.needs_input_grad[1]:
+            d_weight = g[0].t() @ feats[0].flatten(1).t()
+            for b in range(1, B):
+                d_weight = d_weight.addmm(g[b].t(), feats[b].flatten(1).t())
+        if ctx.needs_input_grad[2]:
+            d_bias = grad.sum(0)
+        return d_feats, d_weight, d_bias
+
+
+def pixel_linear(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """:class:`PixelLinear`: a Linear on the pixel vectors of ``feats`` [B, D, h, w] -> [B*h*w, out]."""
+    if feats.dim() != 4 or feats.shape[1] != weight.shape[1]:
+        raise ValueError(f"expected a feature map [B, {weight.shape[1]}, h, w], got {tuple(feats.shape)}")
+    if not (feats.is_contiguous() or feats.is_contiguous(memory_format=torch.channels_last)):
+        feats = feats.contiguous()
+    return PixelLinear.apply(feats, weight, bias)
+
+
 def segment_member(seg, num_segments, dtype):
     """``member`` [S, G] of :class:`SegmentBatchNorm`: 1 where group g lies in segment s."""
     return (seg[None, :] == torch.arange(num_segments, device=seg.device)[:, None]).to(dtype)
@@ -97,7 +148,9 @@ def segment_member(seg, num_segments, dtype):
 class MLPHead(nn.Module):
     """``Linear(in_dim, dim) -> BatchNorm1d -> ReLU -> Linear(dim, dim)``.
 
-    Input ``[N, in_dim]``, output ``[N, dim]``. Used as projection head g
+    Input ``[N, in_dim]`` vectors or a feature map ``[B, in_dim, h, w]`` (its B*h*w pixel vectors,
+    in :func:`semiseg.train.pixels_to_vectors` order, read in place by :func:`pixel_linear`), output
+    ``[N, dim]``. Used as projection head g
     (``in_dim = feat_dim``) and prediction head q (``in_dim = 256``). With ``valid`` [N] bool,
     the BatchNorm statistics (and running-statistics update) come from the valid rows only: the
     same numbers as the head applied to ``x[valid]``, at a fixed size (:class:`SegmentBatchNorm`).
@@ -116,23 +169,23 @@ class MLPHead(nn.Module):
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         lin, bn, _, lin2 = self.net
+        # a feature map [B, in_dim, h, w]: its pixel vectors, without copying the map (PixelLinear)
+        h = pixel_linear(x, lin.weight, lin.bias) if x.dim() == 4 else lin(x)
         if valid is not None:
-            if valid.shape != x.shape[:1]:
-                raise ValueError(f"valid must be a [{x.shape[0]}] mask, got shape {tuple(valid.shape)}")
-            h = lin(x)
+            if valid.shape != h.shape[:1]:
+                raise ValueError(f"valid must be a [{h.shape[0]}] mask, got shape {tuple(valid.shape)}")
             rows = valid.to(h.dtype).view(1, -1, 1)  # one segment: one group of N rows
             seg, member = torch.zeros(1, dtype=torch.long, device=x.device), h.new_ones(1, 1)
             h = SegmentBatchNorm.apply(h[None], bn.weight[None], bn.bias[None], bn.running_mean[None],
                                        bn.running_var[None], bn.num_batches_tracked, seg, rows, member,
                                        rows.sum((1, 2)), bn.training, bn.momentum, bn.eps, True)
             return lin2(F.relu(h[0]))
-        if x.shape[0] == 1 and self.training:
+        if h.shape[0] == 1 and self.training:
             # BatchNorm1d cannot compute batch statistics from one sample: use running stats
-            h = lin(x)
             h = F.batch_norm(h, bn.running_mean, bn.running_var, bn.weight, bn.bias,
                              training=False, eps=bn.eps)
             return lin2(F.relu(h))
-        return self.net(x)
+        return lin2(F.relu(bn(h)))
 
 
 _GROUPED_MM = {}
