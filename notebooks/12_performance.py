@@ -38,6 +38,7 @@ import yaml
 from IPython.display import Markdown, display
 
 from semiseg import bench, distributed, losses, results
+from semiseg.models.heads import PixelLinear
 from semiseg.syncs import HostSyncs
 from semiseg.train import Trainer
 from semiseg.viz import show_source
@@ -221,6 +222,47 @@ for name, report in reports.items():
             if key.endswith("_constant_in_C"):
                 impl = key.removesuffix("_constant_in_C")
                 print(f"{impl} count the same for every C:", same)
+
+# %% [markdown]
+# ### The projection head reads the feature map in place
+#
+# At paper shape the first Linear of the projection head g takes the backbone's 2048
+# channels. Turning the map into pixel vectors with
+# `feats.permute(0, 2, 3, 1).reshape(-1, 2048)` copies the whole map pixel by pixel (a
+# transposition: 100 MB for 3 × 2048 × 64 × 64), and the backward pass transposes the map's
+# gradient back the same way. That is time without FLOPs: profiled at paper shape on the
+# 2-core CPU (commit e5969e7), the two copies took 0.36 s of a 1.06 s module.
+# `PixelLinear` multiplies each image's `[D, h·w]` slice as the transposed operand of the
+# matrix product, so nothing is copied, and writes the map's gradient in the map's own
+# layout (contiguous or channels_last). `MLPHead` takes either vectors or a map; the trainer
+# passes the map, for the loss and for the bank update. Values and gradients are those of
+# `F.linear` on the copied vectors up to rounding (tests for both layouts).
+
+# %%
+show_source(PixelLinear)
+
+# %% [markdown]
+# The same bench before and after, one after the other on the same quiet machine
+# (`cpu_share_paper_before_pixel_linear.json`, `cpu_share_pixel_linear.json`):
+
+# %%
+ab_rows = []
+for name in ("cpu_share_paper_before_pixel_linear", "cpu_share_pixel_linear"):
+    for part in reports.get(name, {}).get("parts", []):
+        if part["part"] == "share" and part["setting"].startswith("paper shape"):
+            ab_rows.append(
+                {
+                    "file": f"{name}.json",
+                    "commit": reports[name]["commit"],
+                    "module s": f"{part['seconds']['module']:.3f}",
+                    "step s": f"{part['seconds']['step']:.1f}",
+                    "time share / FLOP share": (
+                        f"{part['ratios']['time_share / flop_share']:.3f}"
+                    ),
+                }
+            )
+if ab_rows:
+    display(Markdown(md_table(ab_rows, list(ab_rows[0]))))
 
 # %% [markdown]
 # ## 2. No host synchronisation for the class-wise attention

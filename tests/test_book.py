@@ -91,6 +91,8 @@ def test_result_tables_are_tables_with_rows(site, browser, page_path):
     assert rows >= 3 and "|---|" not in text
     if "performance" in page_path:
         assert "cpu.json" in text and "cuda.json" in text and "met" in text
+        if (ROOT / "book" / "results" / "bench" / "cpu_share_pixel_linear.json").exists():  # the before / after table
+            assert "cpu_share_paper_before_pixel_linear.json" in text and "PixelLinear" in text
     if "reproduction" in page_path:
         assert "full − supervised" in text
         if (ROOT / "book" / "results" / "checks" / "warmup_gate_1500").exists():
