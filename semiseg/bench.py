@@ -567,58 +567,79 @@ def attention_losses_part(device, iterations=100, overrides=None, dtype="float32
     ``free``: two runs from the same seed, side by side for ``iterations`` steps; their difference
     grows from float rounding through the training dynamics (short high-rate schedules on tiny
     crops are chaotic: on the smoke profile a 1e-7 relative change of one weight tensor moved the
-    loss by 7e-4 two steps later). ``one_step``: at every iteration the batched trainer takes one step from the loop
+    loss by 7e-4 two steps later). ``control``: the same for the loop path against itself, its
+    second run stepped with another thread count (1 instead of 2, or 2 instead of 1): the same
+    code with other rounding (the CPU kernels split their sums by thread). Where the control grows
+    as fast as ``free``, the implementations differ by rounding only, and a threshold on
+    free-running losses measures the training dynamics, not the implementations.
+    ``one_step``: at every iteration the batched trainer takes one step from the loop
     trainer's state (checkpoint format conversion included), the same RNG state and batch: the
     implementations' own difference, in the loss terms and in the weights after the step.
     ``dtype="float64"`` runs both in float64 (weights, images, bank, losses): rounding then starts
     about 1e-9 times smaller, so a free-running difference that stays small is rounding, not a
     difference of the computations.
+
+    The bank's FQF is off (``fqf: false``, a choice of this bench): every labeled vector enters
+    the bank at the first step, so L_contr and both S_c run from the second iteration on. With FQF
+    an untrained classifier passes almost nothing (at commit e5969e7 the bank stayed empty for all
+    100 iterations, and the comparison never reached the attention). ``iterations_with_contr``
+    says how many steps ran L_contr; none prints a warning.
     """
     import copy
 
-    # phi 0.5: the FQF of an untrained classifier admits vectors, so the bank fills and L_contr runs
-    settings = {"crop_size": [64, 64], "batch_labeled": 2, "batch_unlabeled": 2, "psi": 64, "phi": 0.5,
+    settings = {"crop_size": [64, 64], "batch_labeled": 2, "batch_unlabeled": 2, "psi": 64, "fqf": False,
                 "warmup_frac": 0.0, "warmup_beta": 0.0, "channels_last": False, "iterations": max(iterations, 2),
                 **(overrides or {})}
-    default = torch.get_default_dtype()
+    default, threads = torch.get_default_dtype(), torch.get_num_threads()
+    control_threads = 1 if threads > 1 else 2
     torch.set_default_dtype(getattr(torch, dtype))  # the trainers' weights and bank
     try:
-        def trainers():
-            made = {}
-            for impl in ("loop", "batched"):
+        def trainers(impls=("loop", "batched")):
+            made = []
+            for impl in impls:
                 torch.manual_seed(0)
-                name, made[impl], batch = camvid_setting(device, overrides={**settings, "attention_impl": impl})
+                name, trainer, batch = camvid_setting(device, overrides={**settings, "attention_impl": impl})
+                made.append(trainer)
 
             def typed(it):  # the images in the run's dtype
                 (x_l, *rest_l), (x_u, *rest_u) = batch(it)
                 return (x_l.to(torch.get_default_dtype()), *rest_l), (x_u.to(torch.get_default_dtype()), *rest_u)
-            return name, made["loop"], made["batched"], typed
+            return name, made[0], made[1], typed
 
-        def both(it, before_batched):
-            """One step of each trainer on batch ``it``; ``before_batched()`` sets the batched trainer's
-            start (RNG state, weights); the loop trainer's RNG stream continues afterwards."""
-            a = loop.step(*batch(it))
+        def both(first, second, batch, it, before_second, second_threads=threads):
+            """One step of each trainer on batch ``it``; ``before_second()`` sets the second trainer's
+            start (RNG state, weights); the first trainer's RNG stream continues afterwards."""
+            a = first.step(*batch(it))
             after = torch.get_rng_state()
-            before_batched()
-            b = batched.step(*batch(it))
+            before_second()
+            torch.set_num_threads(second_threads)
+            try:
+                b = second.step(*batch(it))
+            finally:
+                torch.set_num_threads(threads)
             torch.set_rng_state(after)
             return a, b
 
-        name, loop, batched, batch = trainers()
-        free, one_step, contr = 0.0, 0.0, 0.0
-        torch.manual_seed(0)
-        for it in range(iterations):
-            rng = torch.get_rng_state()
-            a, b = both(it, lambda: torch.set_rng_state(rng))  # noqa: B023 (called at once)
-            free = max([free] + [abs(a[k] - b[k]) for k in a])
-            contr = max(contr, a.get("contr", 0.0))
-        bank = int(loop.bank.count.sum())
+        def free_run(impls, second_threads=threads):
+            """Per-iteration max |difference| of the loss terms of two trainers run side by side."""
+            name, first, second, batch = trainers(impls)
+            diffs, contr = [], []
+            torch.manual_seed(0)
+            for it in range(iterations):
+                rng = torch.get_rng_state()
+                a, b = both(first, second, batch, it, lambda: torch.set_rng_state(rng), second_threads)  # noqa: B023
+                diffs.append(max(abs(a[k] - b[k]) for k in a))
+                contr.append(a.get("contr", 0.0))
+            return name, diffs, contr, int(first.bank.count.sum())
+
+        name, free, contr, bank = free_run(("loop", "batched"))
+        _, control, _, _ = free_run(("loop", "loop"), control_threads)
         # each step from the same state
         name, loop, batched, batch = trainers()
-        weights = 0.0  # max |difference| of a weight or running statistic after the step, relative to its largest entry
+        one_step, weights = 0.0, 0.0  # weights: max |difference| of a weight or running statistic after the step, relative to its largest entry
         for it in range(iterations):
             state = copy.deepcopy(loop.state_dict())  # RNG state included
-            a, b = both(it, lambda: batched.load_state_dict(state))  # noqa: B023 (called at once)
+            a, b = both(loop, batched, batch, it, lambda: batched.load_state_dict(state))  # noqa: B023 (called at once)
             one_step = max([one_step] + [abs(a[k] - b[k]) for k in a])
             with torch.random.fork_rng(devices=[]):
                 same = copy.deepcopy(batched.student)
@@ -629,8 +650,21 @@ def attention_losses_part(device, iterations=100, overrides=None, dtype="float32
                     weights = max(weights, float((mine[n] - p).abs().max() / p.abs().max().clamp(min=1e-12)))
     finally:
         torch.set_default_dtype(default)
+    with_contr = sum(c > 0 for c in contr)
+    if not with_contr:
+        print(f"WARNING: attention_losses: L_contr never ran in {iterations} iterations (bank empty): "
+              "the comparison did not reach the attention", file=sys.stderr)
+
+    def first_over(diffs, limit=1e-4):
+        return next((i for i, d in enumerate(diffs) if d > limit), None)
+
     return {"device": str(device), "setting": name, "iterations": iterations, "dtype": dtype, "overrides": settings,
-            "max_contr": contr, "bank_vectors_at_end": bank, "max_abs_loss_difference_free": free,
+            "max_contr": max(contr), "iterations_with_contr": with_contr, "bank_vectors_at_end": bank,
+            "max_abs_loss_difference_free": max(free), "free_differences": free,
+            "first_iteration_over_1e-4": first_over(free),
+            "control": {"what": f"loop vs loop, the second run on {control_threads} thread(s) instead of {threads}",
+                        "max_abs_loss_difference": max(control), "differences": control,
+                        "first_iteration_over_1e-4": first_over(control)},
             "max_abs_loss_difference_one_step": one_step, "max_rel_weight_difference_one_step": weights}
 
 
@@ -686,7 +720,12 @@ def report(result):
                          f"{part['max_abs_loss_difference_one_step']:.2e} for one step from the same state (weights and "
                          f"BatchNorm statistics after it: max |difference| / max |value| "
                          f"{part['max_rel_weight_difference_one_step']:.1e})")
-            lines.append(f"  (L_contr up to {part['max_contr']:.4f}; {part['bank_vectors_at_end']} vectors in the bank at the end)")
+            lines.append(f"  (L_contr up to {part['max_contr']:.4f} in {part.get('iterations_with_contr', '?')} iterations; "
+                         f"{part['bank_vectors_at_end']} vectors in the bank at the end)")
+            if "control" in part:
+                c = part["control"]
+                lines.append(f"  control, {c['what']}: max |difference| {c['max_abs_loss_difference']:.2e}; first over 1e-4 at "
+                             f"iteration {c['first_iteration_over_1e-4']} (batched vs loop: {part['first_iteration_over_1e-4']})")
         if part["part"] == "eval":
             lines.append(f"  {part['images']} images at {part['eval_size']} in {part['seconds']:.1f} s: "
                          f"{part['images_per_second']:.2f} images/s ({part['data']})")

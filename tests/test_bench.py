@@ -57,6 +57,20 @@ def test_attention_losses_in_float64_restores_the_default_dtype():
     assert part["max_rel_weight_difference_one_step"] < 1e-12
 
 
+def test_attention_losses_reach_the_attention_and_run_a_control():
+    """The comparison exercises S_c (L_contr runs from the second step: the bank is filled without
+    FQF) and runs its rounding control, the loop path against itself on another thread count,
+    with one loss difference per iteration for both."""
+    threads = torch.get_num_threads()
+    part = bench.attention_losses_part(torch.device("cpu"), iterations=3)
+    assert torch.get_num_threads() == threads  # the control's thread count is undone
+    assert part["iterations_with_contr"] == 2 and part["max_contr"] > 0 and part["bank_vectors_at_end"] > 0
+    assert len(part["free_differences"]) == len(part["control"]["differences"]) == 3
+    assert part["max_abs_loss_difference_free"] == max(part["free_differences"])
+    assert f"instead of {threads}" in part["control"]["what"]
+    assert part["max_abs_loss_difference_one_step"] < 1e-3
+
+
 def test_flops_count_grouped_mm_like_the_per_tile_bmm(monkeypatch):
     """The bench's FLOP count of S_c is the same whether its first Linear runs as torch._grouped_mm
     (no formula in torch.utils.flop_counter: bench.grouped_mm_flops) or as per-tile bmm."""
