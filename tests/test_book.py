@@ -93,6 +93,8 @@ def test_result_tables_are_tables_with_rows(site, browser, page_path):
         assert "cpu.json" in text and "cuda.json" in text and "met" in text
         if (ROOT / "book" / "results" / "bench" / "cpu_share_pixel_linear.json").exists():  # the before / after table
             assert "cpu_share_paper_before_pixel_linear.json" in text and "PixelLinear" in text
+        if (ROOT / "book" / "results" / "bench" / "cpu_attention_losses_control.json").exists():  # the rounding control
+            assert "control" in text and "steps; max |Δ loss| batched vs loop" in text
     if "reproduction" in page_path:
         assert "full − supervised" in text
         if (ROOT / "book" / "results" / "checks" / "warmup_gate_1500").exists():
