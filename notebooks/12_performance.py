@@ -289,7 +289,8 @@ for ax, dtype in zip(axes, ("float32", "float64")):
                         label="batched vs loop")
             ax.semilogy([max(d, floor) for d in part["control"]["differences"]],
                         label="control: " + part["control"]["what"], alpha=0.7)
-            print(f"{name}.json ({dtype}): L_contr in {part['iterations_with_contr']} of "
+            runs = part["iterations_with_contr"]
+            print(f"{name}.json ({dtype}): L_contr in {runs} of "
                   f"{part['iterations']} steps; max |Δ loss| batched vs loop "
                   f"{part['max_abs_loss_difference_free']:.2e}, control "
                   f"{part['control']['max_abs_loss_difference']:.2e}; one step from "
