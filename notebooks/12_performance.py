@@ -230,8 +230,8 @@ for name, report in reports.items():
 # channels. Turning the map into pixel vectors with
 # `feats.permute(0, 2, 3, 1).reshape(-1, 2048)` copies the whole map pixel by pixel (a
 # transposition: 100 MB for 3 × 2048 × 64 × 64), and the backward pass transposes the map's
-# gradient back the same way. That is time without FLOPs: profiled at paper shape on the
-# 2-core CPU (commit e5969e7), the two copies took 0.36 s of a 1.06 s module.
+# gradient back the same way. That is time without FLOPs; the table below shows what
+# removing it saved.
 # `PixelLinear` multiplies each image's `[D, h·w]` slice as the transposed operand of the
 # matrix product, so nothing is copied, and writes the map's gradient in the map's own
 # layout (contiguous or channels_last). `MLPHead` takes either vectors or a map; the trainer
@@ -242,12 +242,14 @@ for name, report in reports.items():
 show_source(PixelLinear)
 
 # %% [markdown]
-# The same bench before and after, one after the other on the same quiet machine
-# (`cpu_share_paper_before_pixel_linear.json`, `cpu_share_pixel_linear.json`):
+# The same bench before and after on the same quiet machine
+# (`cpu_share_paper_before_pixel_linear.json`, then `cpu_share_pixel_linear_first_run.json`
+# from the uncommitted change and `cpu_share_pixel_linear.json` from its commit):
 
 # %%
 ab_rows = []
-for name in ("cpu_share_paper_before_pixel_linear", "cpu_share_pixel_linear"):
+for name in ("cpu_share_paper_before_pixel_linear", "cpu_share_pixel_linear_first_run",
+             "cpu_share_pixel_linear"):
     for part in reports.get(name, {}).get("parts", []):
         if part["part"] == "share" and part["setting"].startswith("paper shape"):
             ab_rows.append(

@@ -97,9 +97,9 @@ class PixelLinear(torch.autograd.Function):
     ``F.linear(feats.permute(0, 2, 3, 1).reshape(-1, D), weight, bias)``. That reshape copies the
     map pixel by pixel (a transposition; 100 MB for the paper shape's 3 x 2048 x 64 x 64), and its
     backward transposes the map's gradient back; with the 2048-channel input of g the two took
-    0.36 s of a 1.06 s module (paper shape, 2-core CPU, profiled at commit e5969e7). Here each image's ``[D, h*w]`` view is read as
-    ``[h*w, D]`` by the matrix product itself (a transposed operand), and the map's gradient is
-    written in the map's own layout (contiguous or channels_last). The same values up to rounding
+    0.36 s of a 1.06 s module (paper shape, 2-core CPU, profiled at commit e5969e7). Here each
+    image's ``[D, h*w]`` view is read as ``[h*w, D]`` by the matrix product itself (a transposed
+    operand), and the map's gradient is written in the map's own layout (contiguous or channels_last). The same values up to rounding
     (on the 2-core CPU the forward and the input gradient came out as the same floats; the weight
     gradient sums the images in another order).
     """
