@@ -79,6 +79,7 @@ class Config:
     seed: int = 0                     # seeds weights of new layers, data order and augmentation
     eval_with: str = "student"        # student (paper, §4.2) | teacher
     eval_every: int = 0               # also score student and teacher on val every N iterations
+    curve_test: bool = False          # at those evaluations also score test_split (curves of issue #20)
     log_every: int = 10               # write a metrics.jsonl record every N iterations
     device: str = "auto"              # auto | cpu | cuda
     threads: int = 0                  # torch.set_num_threads; 0 = leave as is
@@ -133,6 +134,8 @@ class Config:
             ("eval_size", self.eval_size is None or _size_ok(self.eval_size), "must be null or [W, H], positive"),
             ("threads", self.threads >= 0, "must be >= 0"),
             ("eval_every", self.eval_every >= 0, "must be >= 0"),
+            ("curve_test", not self.curve_test or (self.eval_every > 0 and bool(self.test_split)),
+             "needs eval_every > 0 and a test_split to score"),
             ("variant", self.variant in VARIANTS or "=" in self.variant,
              f"is not a known variant ({', '.join(sorted(VARIANTS))}) nor of the form key=value"),
         ]

@@ -59,8 +59,9 @@ PROFILES = {  # (--profile, grid) -> config profile
 DA_PROFILES = {"smoke": "smoke", "quick": "camvid_da_quick", "paper": "paper_gta5_cityscapes_dlv2"}
 
 
-def plan(grid, profile, seeds, splits, results=None, extra=""):
-    """The runs of a grid: dicts of notebook parameters, each with its output folder."""
+def plan(grid, profile, seeds, splits, results=None, extra="", ratios=None, variants=None):
+    """The runs of a grid: dicts of notebook parameters, each with its output folder (absolute:
+    the notebook runs in the ``--code`` checkout). ``ratios`` / ``variants`` keep only those runs."""
     from .config import load_config
 
     config = (DA_PROFILES if grid == "da" else PROFILES)[profile]
@@ -68,6 +69,8 @@ def plan(grid, profile, seeds, splits, results=None, extra=""):
     pairs = [(k, k) for k in splits] if grid in SEED_IS_SPLIT else [(split, seed) for split in splits for seed in seeds]
     for split, seed in pairs:
         for variant, overrides, *ratio in GRIDS[grid]:
+            if (variants and variant not in variants) or (ratios and ratio and ratio[0] not in ratios):
+                continue
             settings = {"split": split, "seed": seed, "variant": variant, **({"ratio": ratio[0]} if ratio else {})}
             if profile == "smoke":
                 settings.update({"dataset": "tiny", "ratio": "1/1" if ratio and ratio[0] == "1/1" else "1/4"})
@@ -76,7 +79,7 @@ def plan(grid, profile, seeds, splits, results=None, extra=""):
             if profile == "smoke":
                 base = Path(os.environ.get("SEMISEG_SMOKE_RUNS", ROOT / "runs" / "smoke"))
             else:
-                base = Path(results) if results else ROOT / "book" / "results"
+                base = Path(results).resolve() if results else ROOT / "book" / "results"
             out = base / cfg.dataset / cfg.ratio.replace("/", "-") / f"split{split}" / variant / f"seed{seed}"
             runs.append({"profile": config, "dataset": cfg.dataset, "ratio": cfg.ratio, "split": split,
                          "variant": variant, "seed": seed, "overrides": overrides, "out_dir": str(out),
@@ -142,6 +145,8 @@ def main(argv=None):
     parser.add_argument("--profile", choices=sorted(PROFILES), default="quick")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--splits", nargs="+", type=int, default=[0])
+    parser.add_argument("--ratios", nargs="+", default=None, help="only the runs at these ratios (e.g. 1/16 1/1)")
+    parser.add_argument("--variants", nargs="+", default=None, help="only these variants of the grid")
     parser.add_argument("--jobs", type=int, default=1, help="runs trained side by side (threads = cores / jobs each)")
     parser.add_argument("--results", default=None, help="folder for the runs (default book/results)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every run")
@@ -154,7 +159,10 @@ def main(argv=None):
     extra = list(args.set)
     if args.jobs > 1 and not any(o.startswith("threads=") for o in extra):
         extra.append(f"threads={max(1, (os.cpu_count() or 1) // args.jobs)}")
-    runs = plan(args.grid, args.profile, args.seeds, args.splits, args.results, " ".join(extra))
+    runs = plan(args.grid, args.profile, args.seeds, args.splits, args.results, " ".join(extra), args.ratios,
+                args.variants)
+    if not runs:
+        parser.error(f"no run of grid {args.grid} has ratio in {args.ratios} and variant in {args.variants}")
     failures, skipped, lock = [], 0, threading.Lock()
     todo = []
     for i, params in enumerate(runs, 1):

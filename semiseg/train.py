@@ -514,10 +514,8 @@ def _train(cfg, info, run_dir, trainer, batches, val, commit, progress):
                               "bank_fill": sum(fill) / len(fill), "bank_fill_per_class": [round(f, 4) for f in fill],
                               "seconds": round(time.time() - start, 2)}
                 if cfg.eval_every and (it + 1) % cfg.eval_every == 0 and it + 1 < cfg.iterations:
-                    if main:  # the learning curves: student and EMA teacher on val
-                        record = (record or {"iteration": it + 1}) | {
-                            "val_miou": evaluate(trainer.student, val, cfg.eval_size, device)["miou"],
-                            "teacher_val_miou": evaluate(trainer.teacher, val, cfg.eval_size, device)["miou"]}
+                    if main:  # the learning curves: student and EMA teacher on val (and test)
+                        record = (record or {"iteration": it + 1}) | curve_scores(trainer, cfg, device)
                     distributed.barrier(info)
                 if record:
                     metrics.add(record)
@@ -558,7 +556,11 @@ def _train(cfg, info, run_dir, trainer, batches, val, commit, progress):
                "profile": cfg.profile, "dataset": cfg.dataset, "ratio": cfg.ratio, "arch": cfg.arch,
                "evaluated": cfg.eval_with, "device": str(device), "processes": info.world, "precision": cfg.precision,
                "torch": torch.__version__, "commit": commit, "machine": machine_name(device)}
-    metrics.add({"iteration": cfg.iterations, "val_miou": summary["val_miou"], "teacher_val_miou": summary["teacher_val_miou"]})
+    final = {"iteration": cfg.iterations, "val_miou": summary["val_miou"], "teacher_val_miou": summary["teacher_val_miou"]}
+    if cfg.curve_test:  # the curves' last point: the final scores on test_split
+        final |= {"test_miou": scores["student"][cfg.test_split]["miou"],
+                  "teacher_test_miou": scores["teacher"][cfg.test_split]["miou"]}
+    metrics.add(final)
     write_json(run_dir / "summary.json", summary, indent=2)
     notes = halfway_warnings(cfg, trainer, metrics) if main and cfg.iterations >= 2 else []
     if notes:
@@ -569,6 +571,18 @@ def _train(cfg, info, run_dir, trainer, batches, val, commit, progress):
     distributed.barrier(info)
     distributed.destroy(info)
     return summary
+
+
+def curve_scores(trainer, cfg, device):
+    """One point of the learning curves: ``val_miou`` and ``teacher_val_miou``, plus
+    ``test_miou`` and ``teacher_test_miou`` with ``curve_test`` (scored on ``test_split``)."""
+    splits = ["val"] + ([cfg.test_split] if cfg.curve_test else [])
+    out = {}
+    for split in splits:
+        key = "val" if split == "val" else "test"
+        out[f"{key}_miou"] = evaluate(trainer.student, trainer.eval_sets[split], cfg.eval_size, device)["miou"]
+        out[f"teacher_{key}_miou"] = evaluate(trainer.teacher, trainer.eval_sets[split], cfg.eval_size, device)["miou"]
+    return out
 
 
 def halfway_warnings(cfg, trainer, metrics):

@@ -104,6 +104,19 @@ def test_summary_headline_is_the_test_split_with_val_and_teacher_beside(tmp_path
     assert logged and len(logged[-1]["bank_fill_per_class"]) == 4
 
 
+def test_curve_test_scores_the_test_split_at_every_evaluation_and_at_the_end(tmp_path):
+    cfg = load_config("smoke", {"out_dir": str(tmp_path), "test_split": "test", "eval_every": 2, "iterations": 4,
+                                "curve_test": True})
+    summary = train(cfg, progress=False)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    curve = [r for r in records if "test_miou" in r]
+    assert [r["iteration"] for r in curve] == [2, 4]
+    assert all("teacher_test_miou" in r and "val_miou" in r for r in curve)
+    assert curve[-1]["test_miou"] == summary["miou"] and curve[-1]["teacher_test_miou"] == summary["teacher_miou"]
+    with pytest.raises(ValueError, match="curve_test"):
+        load_config("smoke", {"curve_test": True})  # no test_split, no eval_every
+
+
 def test_final_checkpoint_is_written_before_the_evaluation(tmp_path, monkeypatch):
     import semiseg.train as train_module
 

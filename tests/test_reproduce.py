@@ -45,6 +45,16 @@ def test_camvid_grid_is_the_21_runs_of_issue_9(tmp_path):
     assert runs[-1]["out_dir"].endswith("camvid/1-1/split2/supervised/seed2")
 
 
+def test_ratios_and_variants_pick_runs_and_results_become_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the notebook runs in --code's checkout: a relative folder would land there
+    runs = reproduce.plan("camvid", "quick", [0], [0], results="pilot", ratios=["1/16", "1/1"],
+                          variants=["supervised"])
+    assert [(r["ratio"], r["variant"]) for r in runs] == [("1/16", "supervised"), ("1/1", "supervised")]
+    assert all(r["out_dir"].startswith(str(tmp_path / "pilot")) for r in runs)
+    with pytest.raises(SystemExit):
+        reproduce.main(["camvid", "--ratios", "1/3"])
+
+
 def test_commit_run_commits_only_the_runs_small_files(tmp_path):
     import subprocess
 
